@@ -1,0 +1,7 @@
+"""`python -m embedserve`."""
+
+import sys
+
+from embedserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,84 @@
+"""Builds the gRPC server around an Engine and runs it until SIGTERM, draining in-flight RPCs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from embedserve.engine.engine import Engine
+from embedserve.services.embedding import EmbeddingService
+from embedserve.settings import Settings
+from embedserve.v1 import embedding_service_pb2 as pb
+from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+
+
+def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Creates the server with the embedding service, health and reflection; binds the port."""
+    server = grpc.aio.server(
+        maximum_concurrent_rpcs=settings.max_concurrency,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingService(engine, settings.stream_window), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(settings.address)
+    if port == 0:
+        raise OSError(f"cannot bind {settings.address}: is another server using the port?")
+    return server, port, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    """Sets the overall and per-service health status."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)
+
+
+async def serve(settings: Settings, engine: Engine, stop: asyncio.Event | None = None, ready: asyncio.Future[int] | None = None) -> None:
+    """Runs until SIGTERM/SIGINT (or `stop`): health goes NOT_SERVING, new RPCs are refused,
+    in-flight ones get the grace period to finish, then the engine shuts down."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    health_ref: list[health.aio.HealthServicer] = []
+
+    def on_engine_failure(error: BaseException) -> None:
+        log.critical("a model worker crashed (%r): reporting NOT_SERVING", error)
+        if health_ref:
+            loop.create_task(set_serving(health_ref[0], False))
+
+    engine.set_failure_callback(on_engine_failure)
+    engine.start()
+    server, port, health_servicer = build_server(settings, engine)
+    health_ref.append(health_servicer)
+    await server.start()
+    await set_serving(health_servicer, True)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    except (NotImplementedError, RuntimeError):  # not the main thread (tests run servers in threads)
+        pass
+    log.info("serving embedserve.v1.EmbeddingService on %s:%d (health, reflection on)", settings.host, port)
+    if ready is not None:
+        ready.set_result(port)
+    await stop.wait()
+    log.info("shutting down: NOT_SERVING, draining in-flight RPCs for up to %.0f s", settings.grace_period_s)
+    await set_serving(health_servicer, False)
+    await server.stop(settings.grace_period_s)
+    await engine.close()
+    log.info("stopped")

@@ -1,0 +1,36 @@
+"""The interface every inference backend implements, and what it reports upward."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a backend tells the layers above it: identity for logs and ListModels, and
+    what batching costs it, so the scheduler need not guess."""
+
+    name: str  # "onnx" | "torch"
+    provider: str  # e.g. "CPUExecutionProvider", "CUDAExecutionProvider", "cpu", "cuda"
+    dtype: str  # "fp32" | "fp16" | "int8"
+    # True when every input in a batch is padded to the longest one, so a batch costs
+    # (longest input x batch size) tokens, and sorting by length pays.
+    padded: bool = True
+
+
+class Backend(ABC):
+    """Runs a transformer's forward pass on padded token batches. Knows nothing of requests."""
+
+    info: BackendInfo
+
+    @abstractmethod
+    def forward(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray) -> FloatArray:
+        """Returns the model's raw output as float32: the last hidden state (batch, tokens,
+        hidden) for dense models, logits for the others."""

@@ -1,0 +1,123 @@
+"""Reads what a model's own files say about how to run it (HF + sentence-transformers config)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from embedserve.errors import ConfigError
+
+Pooling = Literal["mean", "cls", "lasttoken", "max"]
+ModelKind = Literal["dense", "sparse", "rerank"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How a model is meant to be used, as its authors configured it."""
+
+    path: Path
+    kind: ModelKind
+    architectures: tuple[str, ...]
+    hidden_size: int
+    vocab_size: int
+    max_input_tokens: int
+    pooling: Pooling = "mean"
+    normalize: bool = False
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    num_labels: int = 1
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    return data
+
+
+def _pooling_from(config: dict[str, Any]) -> Pooling:
+    if config.get("pooling_mode_cls_token"):
+        return "cls"
+    if config.get("pooling_mode_lasttoken"):
+        return "lasttoken"
+    if config.get("pooling_mode_max_tokens"):
+        return "max"
+    if config.get("pooling_mode_mean_tokens", True):
+        return "mean"
+    raise ConfigError(f"unsupported pooling configuration: {config}")
+
+
+def detect_kind(architectures: tuple[str, ...], has_st_modules: bool) -> ModelKind:
+    """Tells dense, sparse (masked-LM) and rerank (sequence classification) models apart."""
+    if has_st_modules:
+        return "dense"
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "rerank"
+    if any(a.endswith("ForMaskedLM") for a in architectures):
+        return "sparse"
+    return "dense"
+
+
+def load_model_config(path: Path, kind: str = "auto") -> ModelConfig:
+    """Reads config.json and any sentence-transformers files beside it."""
+    hf = _read_json(path / "config.json")
+    architectures = tuple(hf.get("architectures") or ())
+    modules_file = path / "modules.json"
+    modules: list[dict[str, Any]] = []
+    if modules_file.is_file():
+        loaded = json.loads(modules_file.read_text())
+        modules = loaded if isinstance(loaded, list) else []
+    resolved: ModelKind = detect_kind(architectures, bool(modules)) if kind == "auto" else kind  # type: ignore[assignment]
+
+    pooling: Pooling = "cls" if resolved == "rerank" else "mean"
+    normalize = False
+    for module in modules:
+        mtype = str(module.get("type", ""))
+        if mtype.endswith("Pooling"):
+            pooling_file = path / str(module.get("path", "")) / "config.json"
+            if pooling_file.is_file():
+                pooling = _pooling_from(_read_json(pooling_file))
+        elif mtype.endswith("Normalize"):
+            normalize = True
+
+    position_limit = int(hf.get("max_position_embeddings") or 512)
+    # Some architectures (RoBERTa) reserve position slots for padding offsets.
+    if hf.get("model_type") in {"roberta", "xlm-roberta", "camembert"}:
+        position_limit -= 2
+    max_tokens = position_limit
+    st_config = path / "sentence_bert_config.json"
+    if st_config.is_file():
+        max_tokens = min(max_tokens, int(_read_json(st_config).get("max_seq_length") or max_tokens))
+    else:
+        tok_config = path / "tokenizer_config.json"
+        if tok_config.is_file():
+            limit = _read_json(tok_config).get("model_max_length")
+            if isinstance(limit, int) and 0 < limit < max_tokens:
+                max_tokens = limit
+
+    prompts: dict[str, str] = {}
+    default_prompt_name = None
+    st_model_config = path / "config_sentence_transformers.json"
+    if st_model_config.is_file():
+        data = _read_json(st_model_config)
+        prompts = {str(k): str(v) for k, v in (data.get("prompts") or {}).items()}
+        default_prompt_name = data.get("default_prompt_name") or None
+
+    return ModelConfig(
+        path=path,
+        kind=resolved,
+        architectures=architectures,
+        hidden_size=int(hf.get("hidden_size") or hf.get("d_model") or 0),
+        vocab_size=int(hf.get("vocab_size") or 0),
+        max_input_tokens=max_tokens,
+        pooling=pooling,
+        normalize=normalize,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        num_labels=int(hf.get("num_labels") or len(hf.get("id2label") or {0: 0})),
+    )

@@ -1,0 +1,68 @@
+"""Tokenization with exact token counts and truncation that matches sentence-transformers."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from embedserve.backends.base import IntArray
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Encodings of a batch of texts and what truncation did to them."""
+
+    encodings: list[Encoding]
+    lengths: list[int]
+    truncated: list[int]  # positions of inputs that were cut to the model's max
+
+    @property
+    def tokens(self) -> int:
+        """Tokens over all inputs, special tokens included."""
+        return sum(self.lengths)
+
+
+class TextTokenizer:
+    """A fast (Rust) tokenizer that truncates to the model's max input tokens."""
+
+    def __init__(self, path: Path, max_tokens: int) -> None:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        backend: Tokenizer = hf.backend_tokenizer
+        self.max_tokens = max_tokens
+        self.pad_id = int(hf.pad_token_id or 0)
+        self._truncating = copy.deepcopy(backend)
+        self._truncating.no_padding()
+        self._truncating.enable_truncation(max_length=max_tokens)
+        self._full = copy.deepcopy(backend)
+        self._full.no_padding()
+        self._full.no_truncation()
+
+    def encode(self, texts: list[str]) -> Tokenized:
+        """Tokenizes texts, cutting any longer than max_tokens. Releases the GIL while it works."""
+        encodings = self._truncating.encode_batch(texts)
+        truncated = [i for i, e in enumerate(encodings) if e.overflowing]
+        return Tokenized(encodings, [len(e.ids) for e in encodings], truncated)
+
+    def full_length(self, text: str) -> int:
+        """Tokens of text without truncation (for error messages)."""
+        return len(self._full.encode(text).ids)
+
+    def collate(self, encodings: list[Encoding]) -> tuple[IntArray, IntArray, IntArray]:
+        """Pads encodings to the longest into input_ids, attention_mask and token_type_ids."""
+        longest = max(len(e.ids) for e in encodings)
+        shape = (len(encodings), longest)
+        ids = np.full(shape, self.pad_id, dtype=np.int64)
+        mask = np.zeros(shape, dtype=np.int64)
+        types = np.zeros(shape, dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            n = len(enc.ids)
+            ids[row, :n] = enc.ids
+            mask[row, :n] = 1
+            types[row, :n] = enc.type_ids
+        return ids, mask, types

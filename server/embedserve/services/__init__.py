@@ -1,0 +1,1 @@
+"""Thin gRPC servicers: convert the request, await the engine, convert the response."""
