@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +48,7 @@ class Settings:
     """Everything the server is configured with; built in main and passed down."""
 
     models: tuple[ModelSettings, ...] = (ModelSettings(DEFAULT_DENSE_MODEL),)
-    host: str = "127.0.0.1"
+    host: str = "0.0.0.0"
     port: int = 50051
     # Items (inputs, pairs) waiting for a forward pass over all requests of one model.
     queue_size: int = 16384
@@ -243,8 +244,13 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
             values["grace_period_s"] = float(raw["grace_period"])
         except ValueError:
             raise ConfigError(f"GRACE_PERIOD must be a number of seconds, got {raw['grace_period']!r}") from None
+        if values["grace_period_s"] < 0:
+            raise ConfigError(f"GRACE_PERIOD must be 0 or more seconds, got {raw['grace_period']!r}")
     if "log_level" in raw:
-        values["log_level"] = raw["log_level"].strip().upper()
+        level = raw["log_level"].strip().upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ConfigError(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {raw['log_level']!r}")
+        values["log_level"] = level
     settings = Settings(**values)
     if settings.queue_size < settings.max_inputs_per_request:
         raise ConfigError(

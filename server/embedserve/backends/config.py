@@ -52,8 +52,14 @@ def _pooling_from(config: dict[str, Any]) -> Pooling:
     raise ConfigError(f"unsupported pooling configuration: {config}")
 
 
-def detect_kind(architectures: tuple[str, ...], has_st_modules: bool) -> ModelKind:
+# model_type in config_sentence_transformers.json (sentence-transformers >= 5) -> kind
+_ST_MODEL_TYPES: dict[str, ModelKind] = {"SentenceTransformer": "dense", "SparseEncoder": "sparse", "CrossEncoder": "rerank"}
+
+
+def detect_kind(architectures: tuple[str, ...], has_st_modules: bool, st_model_type: str | None = None) -> ModelKind:
     """Tells dense, sparse (masked-LM) and rerank (sequence classification) models apart."""
+    if st_model_type in _ST_MODEL_TYPES:
+        return _ST_MODEL_TYPES[st_model_type]
     if has_st_modules:
         return "dense"
     if any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -70,9 +76,18 @@ def load_model_config(path: Path, kind: str = "auto") -> ModelConfig:
     modules_file = path / "modules.json"
     modules: list[dict[str, Any]] = []
     if modules_file.is_file():
-        loaded = json.loads(modules_file.read_text())
-        modules = loaded if isinstance(loaded, list) else []
-    resolved: ModelKind = detect_kind(architectures, bool(modules)) if kind == "auto" else kind  # type: ignore[assignment]
+        try:
+            loaded = json.loads(modules_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {modules_file}: {exc}") from None
+        modules = [m for m in loaded if isinstance(m, dict)] if isinstance(loaded, list) else []
+    st_model_config = path / "config_sentence_transformers.json"
+    st_data = _read_json(st_model_config) if st_model_config.is_file() else {}
+    st_type = st_data.get("model_type")
+    if kind == "auto":
+        resolved = detect_kind(architectures, bool(modules), st_type if isinstance(st_type, str) else None)
+    else:
+        resolved = kind  # type: ignore[assignment]
 
     pooling: Pooling = "cls" if resolved == "rerank" else "mean"
     normalize = False
@@ -100,13 +115,8 @@ def load_model_config(path: Path, kind: str = "auto") -> ModelConfig:
             if isinstance(limit, int) and 0 < limit < max_tokens:
                 max_tokens = limit
 
-    prompts: dict[str, str] = {}
-    default_prompt_name = None
-    st_model_config = path / "config_sentence_transformers.json"
-    if st_model_config.is_file():
-        data = _read_json(st_model_config)
-        prompts = {str(k): str(v) for k, v in (data.get("prompts") or {}).items()}
-        default_prompt_name = data.get("default_prompt_name") or None
+    prompts = {str(k): str(v) for k, v in (st_data.get("prompts") or {}).items()}
+    default_prompt_name = st_data.get("default_prompt_name") or None
 
     return ModelConfig(
         path=path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -105,7 +106,7 @@ class Scheduler(Generic[T, R]):
         self._ready: collections.deque[list[Item[T, R]]] = collections.deque()  # batches cut, not started
         self._live: set[Job[T, R]] = set()
         self._queued = 0  # admitted items not yet computed or dropped
-        self._space_waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._space_waiters: collections.deque[tuple[Job[T, R], asyncio.Future[None]]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
         self._task: asyncio.Task[None] | None = None
@@ -137,19 +138,23 @@ class Scheduler(Generic[T, R]):
         self._check_healthy()
         if job.size > self.queue_size:
             raise OverloadedError(f"{job.size} inputs can never fit a queue of {self.queue_size}")
-        if self._space_waiters or self._queued + job.size > self.queue_size:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            entry = (job.size, waiter)
-            self._space_waiters.append(entry)
-            try:
-                await waiter
-            except BaseException:
-                if entry in self._space_waiters:
-                    self._space_waiters.remove(entry)
-                    self._wake_space_waiters()
-                raise
-            self._check_healthy()
-        self._admit(job)
+        if not self._space_waiters and self._queued + job.size <= self.queue_size:
+            self._admit(job)
+            return
+        # The waker admits the job itself before resolving the waiter, so room freed twice
+        # in one loop turn is never handed out twice.
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (job, waiter)
+        self._space_waiters.append(entry)
+        try:
+            await waiter
+        except BaseException:
+            if entry in self._space_waiters:
+                self._space_waiters.remove(entry)
+                self._wake_space_waiters()
+            else:
+                self.cancel(job)  # admitted just before the caller went away: hand the room back
+            raise
 
     def _admit(self, job: Job[T, R]) -> None:
         self._queued += job.size
@@ -158,16 +163,19 @@ class Scheduler(Generic[T, R]):
         self._wakeup.set()
 
     def _wake_space_waiters(self) -> None:
-        reserved = self._queued
         while self._space_waiters:
-            size, waiter = self._space_waiters[0]
-            if waiter.done():
+            job, waiter = self._space_waiters[0]
+            if waiter.done():  # its caller was cancelled; it removes itself
                 self._space_waiters.popleft()
                 continue
-            if reserved + size > self.queue_size and self.failure is None:
+            if self.failure is not None:
+                self._space_waiters.popleft()
+                waiter.set_exception(EngineFailedError(f"the worker for model {self.name} crashed: {self.failure!r}"))
+                continue
+            if self._queued + job.size > self.queue_size:
                 break
             self._space_waiters.popleft()
-            reserved += size
+            self._admit(job)
             waiter.set_result(None)
 
     def cancel(self, job: Job[T, R]) -> None:
@@ -315,7 +323,8 @@ class Scheduler(Generic[T, R]):
             job.last_batch_started_at = max(job.last_batch_started_at, started)
             if job.uncomputed == 0:
                 self._live.discard(job)
-                job.future.set_result(job.results)  # type: ignore[arg-type]
+                if not job.future.done():  # a caller may have cancelled the future itself
+                    job.future.set_result(job.results)  # type: ignore[arg-type]
         self._wake_space_waiters()
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
@@ -335,10 +344,11 @@ class Scheduler(Generic[T, R]):
 
     async def close(self) -> None:
         """Stops the loop; any job still waiting fails with EngineFailedError."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        try:
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        finally:
+            # The current forward pass may still run: wait for it off the event loop.
+            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)

@@ -1,0 +1,68 @@
+"""The one table from domain errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from embedserve import errors
+from embedserve.errors import (
+    STATUS_CODES,
+    CancelledRequestError,
+    ConfigError,
+    DeadlineExpiredError,
+    EmbedServeError,
+    EngineFailedError,
+    InvalidInputError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnauthenticatedError,
+    WrongModelKindError,
+    status_for,
+)
+
+
+@pytest.mark.parametrize(
+    ("error_type", "code"),
+    [
+        (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+        (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+        (WrongModelKindError, grpc.StatusCode.FAILED_PRECONDITION),
+        (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (CancelledRequestError, grpc.StatusCode.CANCELLED),
+        (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+        (EngineFailedError, grpc.StatusCode.INTERNAL),
+        (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+)
+def test_each_domain_error_maps_to_its_status_code_with_its_message(
+    error_type: type[EmbedServeError], code: grpc.StatusCode
+) -> None:
+    assert status_for(error_type("what to change")) == (code, "what to change")
+
+
+def test_every_domain_error_in_the_module_has_a_status_code() -> None:
+    domain = {
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, EmbedServeError) and value is not EmbedServeError
+    }
+    assert domain == set(STATUS_CODES)
+
+
+def test_a_subclass_of_a_domain_error_gets_its_parents_code() -> None:
+    class TooManyInputsError(InvalidInputError):
+        pass
+
+    assert status_for(TooManyInputsError("at most 2048 inputs")) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "at most 2048 inputs",
+    )
+
+
+@pytest.mark.parametrize("error", [ValueError("boom"), KeyError("k"), EmbedServeError("bare base")])
+def test_anything_else_is_internal_and_names_the_exception_type(error: BaseException) -> None:
+    code, message = status_for(error)
+    assert code == grpc.StatusCode.INTERNAL
+    assert message.startswith(f"internal error ({type(error).__name__}): ")
+    assert str(error) in message
