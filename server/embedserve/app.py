@@ -50,17 +50,22 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool)
         await health_servicer.set(name, status)
 
 
-async def serve(settings: Settings, engine: Engine, stop: asyncio.Event | None = None, ready: asyncio.Future[int] | None = None) -> None:
+async def serve(
+    settings: Settings, engine: Engine, stop: asyncio.Event | None = None, ready: asyncio.Future[int] | None = None
+) -> None:
     """Runs until SIGTERM/SIGINT (or `stop`): health goes NOT_SERVING, new RPCs are refused,
     in-flight ones get the grace period to finish, then the engine shuts down."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     health_ref: list[health.aio.HealthServicer] = []
+    background: set[asyncio.Task[None]] = set()
 
     def on_engine_failure(error: BaseException) -> None:
         log.critical("a model worker crashed (%r): reporting NOT_SERVING", error)
         if health_ref:
-            loop.create_task(set_serving(health_ref[0], False))
+            task = loop.create_task(set_serving(health_ref[0], False))
+            background.add(task)
+            task.add_done_callback(background.discard)
 
     engine.set_failure_callback(on_engine_failure)
     engine.start()

@@ -65,7 +65,7 @@ STATUS_CODES: dict[type[EmbedServeError], grpc.StatusCode] = {
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """Returns the gRPC status code and message for an exception."""
     for cls in type(error).__mro__:
-        code = STATUS_CODES.get(cls)  # type: ignore[call-overload]
+        code = STATUS_CODES.get(cls)
         if code is not None:
             return code, str(error)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}): {error}"

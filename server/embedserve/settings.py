@@ -249,7 +249,9 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     if "log_level" in raw:
         level = raw["log_level"].strip().upper()
         if level not in logging.getLevelNamesMapping():
-            raise ConfigError(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {raw['log_level']!r}")
+            raise ConfigError(
+                f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {raw['log_level']!r}"
+            )
         values["log_level"] = level
     settings = Settings(**values)
     if settings.queue_size < settings.max_inputs_per_request:

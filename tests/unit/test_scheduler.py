@@ -203,9 +203,31 @@ async def test_a_window_of_items_from_several_jobs_is_cut_into_length_sorted_bat
     h.scheduler.start()
     assert await result_of(a) == expected(a)
     assert await result_of(b) == expected(b)
-    assert len(h.backend.batches) == 4
+    assert all(len(batch) <= 4 for batch in h.backend.batches)
     window = [item.length for batch in h.backend.batches for item in batch]
     assert window == sorted([*a.lengths, *b.lengths])
+
+
+async def test_batches_are_cut_where_padding_costs_more_than_another_forward_pass(
+    make_scheduler: MakeScheduler,
+) -> None:
+    # One batch of all four would pad three short inputs to 100 tokens (400 + 32 overhead);
+    # two batches cost 30 + 100 tokens + 2 x 32 overhead, so the scheduler cuts there.
+    h = make_scheduler(max_batch_size=4, start=False)
+    job = make_job("j", [10, 100, 10, 10])
+    h.scheduler.submit_nowait(job)
+    h.scheduler.start()
+    await result_of(job)
+    assert [[item.length for item in batch] for batch in h.backend.batches] == [[10, 10, 10], [100]]
+
+
+async def test_inputs_of_equal_length_fill_whole_batches(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(max_batch_size=4, start=False)
+    job = make_job("j", [20] * 9)
+    h.scheduler.submit_nowait(job)
+    h.scheduler.start()
+    await result_of(job)
+    assert sorted(len(batch) for batch in h.backend.batches) == [1, 4, 4]
 
 
 async def test_results_come_back_in_input_order_whatever_the_batch_order(make_scheduler: MakeScheduler) -> None:

@@ -24,9 +24,13 @@ def load_backend(config: ModelConfig, backend: str, dtype: str, cache_dir: Path,
             return OnnxBackend(config, dtype, cache_dir, intra_op_threads)
         except ConfigError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure of the primary path triggers the fallback
-            log.warning("ONNX Runtime backend unavailable for %s (%s: %s); falling back to torch",
-                        config.path, type(exc).__name__, exc)
+        except Exception as exc:
+            log.warning(
+                "ONNX Runtime backend unavailable for %s (%s: %s); falling back to torch",
+                config.path,
+                type(exc).__name__,
+                exc,
+            )
     from embedserve.backends.torch import TorchBackend
 
     return TorchBackend(config, dtype, intra_op_threads)

@@ -23,6 +23,9 @@ class BackendInfo:
     # True when every input in a batch is padded to the longest one, so a batch costs
     # (longest input x batch size) tokens, and sorting by length pays.
     padded: bool = True
+    # Fixed cost of one more forward pass (launch, session overhead) in token-equivalents;
+    # the scheduler trades it against padding when it cuts batches.
+    batch_overhead_tokens: int = 32
 
 
 class Backend(ABC):

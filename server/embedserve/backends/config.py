@@ -53,7 +53,11 @@ def _pooling_from(config: dict[str, Any]) -> Pooling:
 
 
 # model_type in config_sentence_transformers.json (sentence-transformers >= 5) -> kind
-_ST_MODEL_TYPES: dict[str, ModelKind] = {"SentenceTransformer": "dense", "SparseEncoder": "sparse", "CrossEncoder": "rerank"}
+_ST_MODEL_TYPES: dict[str, ModelKind] = {
+    "SentenceTransformer": "dense",
+    "SparseEncoder": "sparse",
+    "CrossEncoder": "rerank",
+}
 
 
 def detect_kind(architectures: tuple[str, ...], has_st_modules: bool, st_model_type: str | None = None) -> ModelKind:

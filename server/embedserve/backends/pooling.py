@@ -10,22 +10,28 @@ from embedserve.backends.config import Pooling
 
 def pool(hidden: FloatArray, attention_mask: IntArray, mode: Pooling) -> FloatArray:
     """Pools (batch, tokens, hidden) to (batch, hidden) over the unmasked tokens."""
+    rows: FloatArray
     if mode == "cls":
-        return np.ascontiguousarray(hidden[:, 0, :], dtype=np.float32)
+        rows = hidden[:, 0, :]
+        return np.ascontiguousarray(rows, dtype=np.float32)
     if mode == "lasttoken":
         # Index of the last real token of each row (works for right padding).
         last = attention_mask.shape[1] - 1 - np.argmax(attention_mask[:, ::-1], axis=1)
-        return np.ascontiguousarray(hidden[np.arange(hidden.shape[0]), last, :], dtype=np.float32)
+        rows = hidden[np.arange(hidden.shape[0]), last, :]
+        return np.ascontiguousarray(rows, dtype=np.float32)
     mask = attention_mask[:, :, None].astype(np.float32)
     if mode == "max":
         masked = np.where(mask > 0, hidden, np.float32(-1e9))
-        return masked.max(axis=1).astype(np.float32)
-    summed = np.einsum("bth,bt->bh", hidden, attention_mask.astype(np.float32))
+        rows = masked.max(axis=1)
+        return rows.astype(np.float32)
+    summed: FloatArray = np.einsum("bth,bt->bh", hidden, attention_mask.astype(np.float32))
     counts = np.clip(mask.sum(axis=1), 1e-9, None)
-    return (summed / counts).astype(np.float32)
+    rows = summed / counts
+    return rows.astype(np.float32)
 
 
 def normalize(vectors: FloatArray) -> FloatArray:
     """Scales each row to unit L2 norm (rows of zeros stay zero)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.clip(norms, 1e-12, None)).astype(np.float32)
+    rows: FloatArray = vectors / np.clip(norms, 1e-12, None)
+    return rows.astype(np.float32)

@@ -27,14 +27,17 @@ class TorchBackend(Backend):
             raise ConfigError("dtype fp16 needs a CUDA device for the torch backend; use fp32 on CPU")
         if device == "cpu":
             torch.set_num_threads(intra_op_threads or (os.cpu_count() or 1))
-        loader = {"dense": AutoModel, "sparse": AutoModelForMaskedLM, "rerank": AutoModelForSequenceClassification}[config.kind]
+        loader = {"dense": AutoModel, "sparse": AutoModelForMaskedLM, "rerank": AutoModelForSequenceClassification}[
+            config.kind
+        ]
         torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
         model = loader.from_pretrained(str(config.path), dtype=torch_dtype)
         self._model = model.to(device).eval()
         self._device = torch.device(device)
         self._torch = torch
         self._dense = config.kind == "dense"
-        self.info = BackendInfo(name="torch", provider=device, dtype=dtype)
+        overhead = 512 if device == "cuda" else 32
+        self.info = BackendInfo(name="torch", provider=device, dtype=dtype, batch_overhead_tokens=overhead)
 
     def forward(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray) -> FloatArray:
         torch = self._torch

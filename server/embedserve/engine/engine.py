@@ -10,8 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from tokenizers import Encoding
-
 from embedserve.backends import Backend, load_backend
 from embedserve.backends.config import ModelConfig, load_model_config
 from embedserve.backends.pooling import normalize, pool
@@ -29,6 +27,7 @@ from embedserve.engine.types import (
 from embedserve.errors import ConfigError, InvalidInputError, ModelNotFoundError, WrongModelKindError
 from embedserve.models import resolve_model_path
 from embedserve.settings import ModelSettings, Settings
+from tokenizers import Encoding
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,9 @@ class ServedModel:
         )
 
 
-def _dense_runner(tokenizer: TextTokenizer, backend: Backend, config: ModelConfig) -> Callable[[list[Encoding]], Sequence[Vector]]:
+def _dense_runner(
+    tokenizer: TextTokenizer, backend: Backend, config: ModelConfig
+) -> Callable[[list[Encoding]], Sequence[Vector]]:
     def run(encodings: list[Encoding]) -> Sequence[Vector]:
         ids, mask, types = tokenizer.collate(encodings)
         hidden = backend.forward(ids, mask, types)
@@ -129,13 +130,16 @@ class Engine:
             for model_id in self._order:
                 if self._models[model_id].kind is kind:
                     return self._models[model_id]
-            raise ModelNotFoundError(f"no {kind.value} model is served, so {rpc} needs one in MODEL_NAMES; served: {self._served()}")
+            raise ModelNotFoundError(
+                f"no {kind.value} model is served, so {rpc} needs one in MODEL_NAMES; served: {self._served()}"
+            )
         model = self._models.get(name)
         if model is None:
             raise ModelNotFoundError(f"model {name!r} is not served; served models: {self._served()}")
         if model.kind is not kind:
             raise WrongModelKindError(
-                f"model {name!r} is a {model.kind.value} model and answers {', '.join(CAPABILITIES[model.kind])}, not {rpc}"
+                f"model {name!r} is a {model.kind.value} model and answers "
+                f"{', '.join(CAPABILITIES[model.kind])}, not {rpc}"
             )
         return model
 
@@ -168,7 +172,9 @@ class Engine:
             )
         return tokenized, time.monotonic() - started
 
-    async def _run(self, model: ServedModel, tokenized: Tokenized, deadline: float | None, wait: bool) -> tuple[list[Vector], Job[Encoding, Vector]]:
+    async def _run(
+        self, model: ServedModel, tokenized: Tokenized, deadline: float | None, wait: bool
+    ) -> tuple[list[Vector], Job[Encoding, Vector]]:
         job: Job[Encoding, Vector] = Job(tokenized.encodings, tokenized.lengths, deadline)
         if wait:
             await model.scheduler.submit(job)
@@ -189,7 +195,9 @@ class Engine:
         self._check_inputs(params.inputs)
         dimension = model.config.hidden_size
         if params.dimensions is not None and not 1 <= params.dimensions <= dimension:
-            raise InvalidInputError(f"dimensions must be between 1 and {dimension} for model {model.id}, got {params.dimensions}")
+            raise InvalidInputError(
+                f"dimensions must be between 1 and {dimension} for model {model.id}, got {params.dimensions}"
+            )
         prefix = self._prompt(model, params)
         texts = [prefix + t for t in params.inputs] if prefix else list(params.inputs)
         tokenized, tokenize_s = await self._tokenize(model, texts, params.truncate)
@@ -242,15 +250,30 @@ def load_served_model(spec: ModelSettings, settings: Settings) -> ServedModel:
         )
     tokenizer = TextTokenizer(path, config.max_input_tokens)
     backend = load_backend(config, spec.backend, spec.dtype, settings.cache_dir, settings.intra_op_threads)
-    limits = BatchLimits(max_batch_size=spec.batch_size, max_batch_tokens=settings.max_batch_tokens, padded=backend.info.padded)
+    limits = BatchLimits(
+        max_batch_size=spec.batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        padded=backend.info.padded,
+        batch_overhead_tokens=backend.info.batch_overhead_tokens,
+    )
     scheduler: Scheduler[Encoding, Vector] = Scheduler(
         spec.name, _dense_runner(tokenizer, backend, config), limits, settings.queue_size
     )
     info = backend.info
     log.info(
-        "loaded model %s (%s, %d-d, max %d tokens, pooling %s%s) from %s: backend %s, provider %s, dtype %s, batch %d, in %.1f s",
-        spec.name, config.kind, config.hidden_size, config.max_input_tokens, config.pooling,
-        ", normalized" if config.normalize else "", path, info.name, info.provider, info.dtype,
-        spec.batch_size, time.monotonic() - started,
+        "loaded model %s (%s, %d-d, max %d tokens, pooling %s%s) from %s: "
+        "backend %s, provider %s, dtype %s, batch %d, in %.1f s",
+        spec.name,
+        config.kind,
+        config.hidden_size,
+        config.max_input_tokens,
+        config.pooling,
+        ", normalized" if config.normalize else "",
+        path,
+        info.name,
+        info.provider,
+        info.dtype,
+        spec.batch_size,
+        time.monotonic() - started,
     )
     return ServedModel(spec.name, config, tokenizer, backend, scheduler, spec.batch_size)

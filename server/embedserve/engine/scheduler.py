@@ -37,8 +37,10 @@ class BatchLimits:
 
     max_batch_size: int
     max_batch_tokens: int
-    # From the backend: whether a batch costs longest x size (padded) or the sum of lengths.
+    # From the backend: whether a batch costs longest x size (padded) or the sum of lengths,
+    # and what one more batch costs beyond its tokens, in token-equivalents.
     padded: bool = True
+    batch_overhead_tokens: int = 32
     # A window of up to this many batches' worth of waiting items is sorted by length
     # before batches are cut from it; larger = less padding, coarser fairness.
     window_batches: int = 4
@@ -232,24 +234,35 @@ class Scheduler(Generic[T, R]):
         return window
 
     def _cut_batches(self, window: list[Item[T, R]]) -> list[list[Item[T, R]]]:
-        """Sorts a window by length and cuts it into batches within the size and token budget."""
+        """Sorts a window by length and cuts it where the total cost is least: padded tokens
+        plus the backend's fixed cost per batch, within the size and token budget."""
         window.sort(key=lambda item: item[0].lengths[item[1]])
+        lengths = [job.lengths[pos] for job, pos in window]
         limits = self.limits
+        count = len(window)
+        # best[j]: least cost of batching the first j items; cut[j]: where its last batch starts.
+        best = [0] + [0] * count
+        cut = [0] * (count + 1)
+        for end in range(1, count + 1):
+            longest = lengths[end - 1]  # sorted: the last item of a batch is its longest
+            best_cost = -1
+            total = 0
+            for start in range(end - 1, max(-1, end - 1 - limits.max_batch_size), -1):
+                total += lengths[start]
+                size = end - start
+                tokens = limits.cost(longest, total, size)
+                if tokens > limits.max_batch_tokens and size > 1:
+                    break
+                cost = best[start] + tokens + limits.batch_overhead_tokens
+                if best_cost < 0 or cost <= best_cost:  # ties go to the larger batch
+                    best_cost, cut[end] = cost, start
+            best[end] = best_cost
         batches: list[list[Item[T, R]]] = []
-        batch: list[Item[T, R]] = []
-        total = 0
-        for item in window:
-            length = item[0].lengths[item[1]]
-            if batch and (
-                len(batch) >= limits.max_batch_size
-                or limits.cost(length, total + length, len(batch) + 1) > limits.max_batch_tokens
-            ):
-                batches.append(batch)
-                batch, total = [], 0
-            batch.append(item)
-            total += length
-        if batch:
-            batches.append(batch)
+        end = count
+        while end > 0:
+            batches.append(window[cut[end] : end])
+            end = cut[end]
+        batches.reverse()
         return batches
 
     def _next_batch(self) -> list[Item[T, R]] | None:
@@ -302,7 +315,7 @@ class Scheduler(Generic[T, R]):
                 results, started, ended = await future
                 if len(results) != len(batch):
                     raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} inputs")
-            except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, loudly
+            except Exception as exc:
                 log.exception("forward pass failed for model %s", self.name)
                 for job in {job for job, _ in batch}:
                     self._retire(job, EngineFailedError(f"the forward pass of model {self.name} failed: {exc!r}"))

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Encoding, Tokenizer
-
 from embedserve.backends.base import IntArray
+from tokenizers import Encoding, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class TextTokenizer:
     def __init__(self, path: Path, max_tokens: int) -> None:
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        hf = AutoTokenizer.from_pretrained(str(path), use_fast=True)  # type: ignore[no-untyped-call]
         backend: Tokenizer = hf.backend_tokenizer
         self.max_tokens = max_tokens
         self.pad_id = int(hf.pad_token_id or 0)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """What a model computes."""
 
     DENSE = "dense"

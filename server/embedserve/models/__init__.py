@@ -34,7 +34,9 @@ def resolve_model_path(name: str) -> Path:
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise ConfigError(f"model folder {local} has no config.json: point MODEL_NAMES at a Hugging Face model folder")
+            raise ConfigError(
+                f"model folder {local} has no config.json: point MODEL_NAMES at a Hugging Face model folder"
+            )
         return local.resolve()
     bundled = bundled_path(name)
     if bundled is not None:
@@ -43,7 +45,7 @@ def resolve_model_path(name: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(name, local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - any failure means "not available offline"
+    except Exception as exc:
         log.debug("%s not in the Hugging Face cache: %s", name, exc)
     hints = ", ".join(sorted(BUNDLED))
     raise ConfigError(

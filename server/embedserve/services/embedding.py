@@ -38,7 +38,7 @@ def unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
             return await handler(self, request, context)
         except EmbedServeError as exc:
             code, message = status_for(exc)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence; the server stays up
+        except Exception as exc:
             log.exception("bug in %s", handler.__name__)
             code, message = status_for(exc)
         await context.abort(code, message)
@@ -55,7 +55,9 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         self._stream_window = stream_window
 
     @unary
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[pb.EmbedRequest, pb.EmbedResponse]) -> pb.EmbedResponse:
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[pb.EmbedRequest, pb.EmbedResponse]
+    ) -> pb.EmbedResponse:
         result = await self._engine.embed(convert.embed_params(request), deadline=_deadline(context))
         return convert.embed_response(result, request.encoding)
 
@@ -72,11 +74,17 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
 
         async def answer(message: pb.EmbedStreamRequest) -> None:
             try:
-                result = await self._engine.embed(convert.embed_params(message.request), deadline=_deadline(context), wait=True)
-                done.put_nowait(pb.EmbedStreamResponse(id=message.id, response=convert.embed_response(result, message.request.encoding)))
+                result = await self._engine.embed(
+                    convert.embed_params(message.request), deadline=_deadline(context), wait=True
+                )
+                done.put_nowait(
+                    pb.EmbedStreamResponse(
+                        id=message.id, response=convert.embed_response(result, message.request.encoding)
+                    )
+                )
             except EmbedServeError as exc:
                 done.put_nowait(convert.stream_error(message.id, *status_for(exc)))
-            except Exception as exc:  # noqa: BLE001 - one request's bug must not end the stream
+            except Exception as exc:
                 log.exception("bug in EmbedStream")
                 done.put_nowait(convert.stream_error(message.id, *status_for(exc)))
 
@@ -103,14 +111,24 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
-    async def SparseEmbed(self, request: pb.SparseEmbedRequest, context: grpc.aio.ServicerContext[pb.SparseEmbedRequest, pb.SparseEmbedResponse]) -> pb.SparseEmbedResponse:
+    async def SparseEmbed(
+        self,
+        request: pb.SparseEmbedRequest,
+        context: grpc.aio.ServicerContext[pb.SparseEmbedRequest, pb.SparseEmbedResponse],
+    ) -> pb.SparseEmbedResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SparseEmbed is not served yet")
         raise AssertionError("unreachable: abort raises")
 
-    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext[pb.RerankRequest, pb.RerankResponse]) -> pb.RerankResponse:
+    async def Rerank(
+        self, request: pb.RerankRequest, context: grpc.aio.ServicerContext[pb.RerankRequest, pb.RerankResponse]
+    ) -> pb.RerankResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Rerank is not served yet")
         raise AssertionError("unreachable: abort raises")
 
     @unary
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse]) -> pb.ListModelsResponse:
+    async def ListModels(
+        self,
+        request: pb.ListModelsRequest,
+        context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
+    ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[convert.model_info(m) for m in self._engine.describe()])

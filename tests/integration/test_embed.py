@@ -1,0 +1,227 @@
+"""Embed and EmbedStream against a real server with the real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+from embedserve.models import bundled_path
+from embedserve.settings import DEFAULT_DENSE_MODEL
+from embedserve.v1 import embedding_service_pb2 as pb
+
+from tests.conftest import RunningServer
+
+Matrix = npt.NDArray[np.float32]
+
+WORDS = (
+    "the model turns text into vectors quickly and the server batches requests from many clients "
+    "latency throughput queue token budget padding sorted window fairness cancel deadline stream"
+).split()
+
+
+def varied_texts() -> list[str]:
+    """~100 texts: plain, unicode, emoji, odd whitespace, very short and very long."""
+    rng = random.Random(7)
+    texts = [
+        "hello world",
+        "a",
+        "Ünïcödé façade naïve café — “quotes” and ‘apostrophes’",
+        "日本語のテキストを埋め込みます。",
+        "Привет, как дела? Всё хорошо.",
+        "مرحبا بالعالم",
+        "emoji 🙂🚀🔥 in 👩‍👩‍👧 between words",
+        "   leading and trailing whitespace   ",
+        "tabs\tand\nnewlines\r\nmixed \u00a0 non-breaking \u2003 em space",
+        "\u200b zero width \u200b",
+        "1234567890 3.14159 -42 1e10",
+        "<html><body>markup &amp; entities</body></html>",
+        "def f(x):\n    return x * 2  # code",
+        "ALL CAPS SHOUTING TEXT",
+        " ".join(["word"] * 5000),  # far over 256 tokens: truncated like sentence-transformers does
+        " ".join(rng.choice(WORDS) for _ in range(300)),
+    ]
+    while len(texts) < 100:
+        n = rng.randint(1, 120)
+        texts.append(" ".join(rng.choice(WORDS) for _ in range(n)))
+    return texts
+
+
+def decode(response: pb.EmbedResponse) -> Matrix:
+    """Vectors of a response as a (n, dim) matrix, from either wire form."""
+    rows = [
+        np.frombuffer(e.float32_le, dtype="<f4") if e.float32_le else np.asarray(e.values, dtype=np.float32)
+        for e in response.embeddings
+    ]
+    return np.stack(rows)
+
+
+def cosine(a: Matrix, b: Matrix) -> npt.NDArray[np.float64]:
+    """Row-wise cosine similarity."""
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def reference() -> Matrix:
+    """What sentence-transformers itself computes for the varied texts."""
+    from sentence_transformers import SentenceTransformer
+
+    path = bundled_path(DEFAULT_DENSE_MODEL)
+    model = SentenceTransformer(str(path), device="cpu")
+    return np.asarray(model.encode(varied_texts(), batch_size=16), dtype=np.float32)
+
+
+def test_vectors_match_sentence_transformers_on_varied_texts(server: RunningServer, reference: Matrix) -> None:
+    texts = varied_texts()
+    response = server.stub().Embed(pb.EmbedRequest(inputs=texts))
+    vectors = decode(response)
+    assert [e.index for e in response.embeddings] == list(range(len(texts)))
+    assert vectors.shape == (len(texts), 384)
+    assert response.dimension == 384
+    assert response.model == DEFAULT_DENSE_MODEL
+    assert cosine(vectors, reference).min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_usage_counts_real_tokens_and_truncated_inputs(server: RunningServer) -> None:
+    texts = ["hello world", " ".join(["word"] * 5000)]
+    response = server.stub().Embed(pb.EmbedRequest(inputs=texts))
+    # [CLS] hello world [SEP] = 4 tokens; the long one is cut to the model's 256.
+    assert response.usage.prompt_tokens == 4 + 256
+    assert response.usage.total_tokens == response.usage.prompt_tokens
+    assert response.usage.truncated_inputs == 1
+    timing = response.timing
+    assert timing.total_ms >= timing.inference_ms > 0
+    assert timing.tokenize_ms > 0
+
+
+def test_onnx_and_torch_backends_agree(server: RunningServer, torch_server: RunningServer) -> None:
+    texts = varied_texts()[:40]
+    onnx_vectors = decode(server.stub().Embed(pb.EmbedRequest(inputs=texts)))
+    torch_vectors = decode(torch_server.stub().Embed(pb.EmbedRequest(inputs=texts)))
+    assert cosine(onnx_vectors, torch_vectors).min() >= 0.9999
+    models = torch_server.stub().ListModels(pb.ListModelsRequest()).models
+    assert [(m.backend, m.execution_provider, m.dtype) for m in models] == [("torch", "cpu", "fp32")]
+
+
+def test_packed_float_encoding_carries_the_same_vectors(server: RunningServer) -> None:
+    stub = server.stub()
+    texts = ["first text", "second, longer text about vectors"]
+    raw = stub.Embed(pb.EmbedRequest(inputs=texts))
+    packed = stub.Embed(pb.EmbedRequest(inputs=texts, encoding=pb.VECTOR_ENCODING_FLOAT))
+    assert all(not e.values for e in raw.embeddings)
+    assert all(not e.float32_le for e in packed.embeddings)
+    np.testing.assert_array_equal(decode(raw), decode(packed))
+
+
+def test_dimensions_keep_the_first_values_and_renormalize(server: RunningServer) -> None:
+    stub = server.stub()
+    texts = ["matryoshka truncation keeps a prefix", "another sentence"]
+    full = decode(stub.Embed(pb.EmbedRequest(inputs=texts, normalize=False)))
+    short = decode(stub.Embed(pb.EmbedRequest(inputs=texts, dimensions=64)))
+    assert short.shape == (2, 64)
+    expected = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    np.testing.assert_allclose(short, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1.0, atol=1e-5)
+
+
+def test_normalize_false_returns_the_raw_mean_pooled_vector(server: RunningServer) -> None:
+    stub = server.stub()
+    texts = ["norms of raw pooled vectors are not one"]
+    raw = decode(stub.Embed(pb.EmbedRequest(inputs=texts, normalize=False)))
+    default = decode(stub.Embed(pb.EmbedRequest(inputs=texts)))
+    assert abs(float(np.linalg.norm(raw)) - 1.0) > 0.01
+    np.testing.assert_allclose(raw / np.linalg.norm(raw), default, atol=1e-5)
+
+
+def test_prompt_is_prefixed_to_every_input(server: RunningServer) -> None:
+    stub = server.stub()
+    prefixed = decode(stub.Embed(pb.EmbedRequest(inputs=["query: what is a vector"])))
+    via_prompt = decode(stub.Embed(pb.EmbedRequest(inputs=["what is a vector"], prompt="query: ")))
+    plain = decode(stub.Embed(pb.EmbedRequest(inputs=["what is a vector"])))
+    np.testing.assert_allclose(via_prompt, prefixed, atol=1e-5)
+    assert cosine(plain, prefixed)[0] < 0.9999
+
+
+def test_list_models_describes_the_served_model(server: RunningServer) -> None:
+    models = server.stub().ListModels(pb.ListModelsRequest()).models
+    assert len(models) == 1
+    model = models[0]
+    assert model.id == DEFAULT_DENSE_MODEL
+    assert model.kind == pb.MODEL_KIND_DENSE
+    assert list(model.capabilities) == ["Embed", "EmbedStream"]
+    assert (model.dimension, model.max_input_tokens) == (384, 256)
+    assert (model.backend, model.execution_provider, model.dtype) == ("onnx", "CPUExecutionProvider", "fp32")
+    assert model.normalize is True
+
+
+def test_embed_stream_answers_every_id_once_with_the_right_vectors(server: RunningServer) -> None:
+    texts = varied_texts()
+    chunks = {f"req-{i}": texts[i : i + 7] for i in range(0, len(texts), 7)}
+
+    def requests() -> Iterator[pb.EmbedStreamRequest]:
+        for request_id, chunk in chunks.items():
+            yield pb.EmbedStreamRequest(id=request_id, request=pb.EmbedRequest(inputs=chunk))
+        yield pb.EmbedStreamRequest(id="bad", request=pb.EmbedRequest(inputs=[]))
+
+    stub = server.stub()
+    seen: dict[str, pb.EmbedStreamResponse] = {}
+    for response in stub.EmbedStream(requests()):
+        assert response.id not in seen
+        seen[response.id] = response
+    assert set(seen) == {*chunks, "bad"}
+    assert seen["bad"].WhichOneof("result") == "error"
+    assert seen["bad"].error.status == "INVALID_ARGUMENT"
+    assert seen["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    for request_id, chunk in chunks.items():
+        unary = decode(stub.Embed(pb.EmbedRequest(inputs=chunk)))
+        assert cosine(decode(seen[request_id].response), unary).min() >= 0.99999
+
+
+def test_embed_stream_stops_reading_when_the_client_stops_reading(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backpressure: with responses unread, the server reads only its window of requests
+    (plus the few whose responses fit in transport buffers), not everything sent."""
+    offered = 200
+    per_request = 16
+    text = "backpressure " * 10
+    read_by_server = 0
+    real_embed = server.engine.embed
+
+    async def counting_embed(*args: Any, **kwargs: Any) -> Any:
+        nonlocal read_by_server
+        read_by_server += 1
+        return await real_embed(*args, **kwargs)
+
+    monkeypatch.setattr(server.engine, "embed", counting_embed)
+
+    def requests() -> Iterator[pb.EmbedStreamRequest]:
+        for i in range(offered):
+            request = pb.EmbedRequest(inputs=[f"{i} {text}"] * per_request, encoding=pb.VECTOR_ENCODING_FLOAT)
+            yield pb.EmbedStreamRequest(id=str(i), request=request)
+
+    calls = server.stub().EmbedStream(requests())
+    time.sleep(3.0)  # the client reads nothing meanwhile
+    window = server.settings.stream_window
+    assert read_by_server <= 2 * window, f"server read {read_by_server} requests with a window of {window}"
+    model = server.engine.model("", server.engine.describe()[0].kind, "Embed")
+    assert model.scheduler.queued <= window * per_request
+    ids = [response.id for response in calls]
+    assert sorted(ids, key=int) == [str(i) for i in range(offered)]
+    assert read_by_server == offered
+
+
+def test_concurrent_small_and_large_requests_all_get_their_own_vectors(server: RunningServer) -> None:
+    stub = server.stub()
+    texts = varied_texts()
+    expected = decode(stub.Embed(pb.EmbedRequest(inputs=texts)))
+    futures = [stub.Embed.future(pb.EmbedRequest(inputs=texts[i : i + 1 + i % 5])) for i in range(60)]
+    for i, future in enumerate(futures):
+        got = decode(future.result())
+        assert cosine(got, expected[i : i + 1 + i % 5]).min() >= 0.99999

@@ -1,0 +1,106 @@
+"""Every bad request gets its precise status code and a message that says what to change."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from embedserve.settings import DEFAULT_DENSE_MODEL
+from embedserve.v1 import embedding_service_pb2 as pb
+
+from tests.conftest import RunningServer, make_settings
+
+
+def error_of(call: object, request: object) -> grpc.RpcError:
+    """Calls a unary stub method and returns the error it must raise."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request, timeout=60)  # type: ignore[operator]
+    return caught.value  # type: ignore[return-value]
+
+
+def test_unknown_model_is_not_found_and_lists_served_models(server: RunningServer) -> None:
+    error = error_of(server.stub().Embed, pb.EmbedRequest(model="no/such-model", inputs=["x"]))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "no/such-model" in error.details() and DEFAULT_DENSE_MODEL in error.details()
+
+
+@pytest.mark.parametrize(
+    ("request_", "needle"),
+    [
+        (pb.EmbedRequest(inputs=[]), "inputs is empty"),
+        (pb.EmbedRequest(inputs=["ok", ""]), "inputs[1] is an empty string"),
+        (pb.EmbedRequest(inputs=["x"] * 2049), "2049 texts but the limit is 2048"),
+        (pb.EmbedRequest(inputs=["x"], dimensions=0), "between 1 and 384"),
+        (pb.EmbedRequest(inputs=["x"], dimensions=385), "between 1 and 384"),
+        (pb.EmbedRequest(inputs=["x"], prompt_name="query"), "no prompt named 'query'"),
+        (pb.EmbedRequest(inputs=["x"], prompt_name="query", prompt="q: "), "not both"),
+    ],
+    ids=[
+        "empty-inputs",
+        "empty-string",
+        "too-many-inputs",
+        "dimensions-0",
+        "dimensions-over",
+        "unknown-prompt",
+        "two-prompts",
+    ],
+)
+def test_bad_embed_requests_are_invalid_argument(server: RunningServer, request_: pb.EmbedRequest, needle: str) -> None:
+    error = error_of(server.stub().Embed, request_)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in error.details()
+
+
+def test_too_long_input_without_truncation_names_both_lengths(server: RunningServer) -> None:
+    text = " ".join(["word"] * 600)
+    error = error_of(server.stub().Embed, pb.EmbedRequest(inputs=["short", text], truncate=False))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inputs[1] has 602 tokens" in error.details() and "at most 256" in error.details()
+    assert "truncate=true" in error.details()
+
+
+def test_sparse_and_rerank_are_unimplemented_for_now(server: RunningServer) -> None:
+    stub = server.stub()
+    assert error_of(stub.SparseEmbed, pb.SparseEmbedRequest(inputs=["x"])).code() == grpc.StatusCode.UNIMPLEMENTED
+    rerank = pb.RerankRequest(query="q", documents=["d"])
+    assert error_of(stub.Rerank, rerank).code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.fixture(scope="module")
+def small_queue_server() -> Iterator[RunningServer]:
+    """A server whose queue holds 64 inputs, to overflow on purpose."""
+    running = RunningServer(make_settings(queue_size=64, max_inputs_per_request=64))
+    yield running
+    running.stop()
+
+
+def test_full_queue_is_resource_exhausted_and_nothing_else_fails(small_queue_server: RunningServer) -> None:
+    stub = small_queue_server.stub()
+    texts = [" ".join(["queue"] * 100)] * 64
+    futures = [stub.Embed.future(pb.EmbedRequest(inputs=texts), timeout=120) for _ in range(12)]
+    codes = []
+    for future in futures:
+        try:
+            future.result()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as error:
+            codes.append(error.code())
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                assert "retry later" in error.details()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert grpc.StatusCode.OK in codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def test_stream_waits_for_queue_space_instead_of_failing(small_queue_server: RunningServer) -> None:
+    """Streams get backpressure, not RESOURCE_EXHAUSTED: every request is answered."""
+    texts = [" ".join(["queue"] * 50)] * 48
+
+    def requests() -> Iterator[pb.EmbedStreamRequest]:
+        for i in range(20):
+            yield pb.EmbedStreamRequest(id=str(i), request=pb.EmbedRequest(inputs=texts))
+
+    responses = list(small_queue_server.stub().EmbedStream(requests(), timeout=300))
+    assert sorted(int(r.id) for r in responses) == list(range(20))
+    assert all(r.WhichOneof("result") == "response" for r in responses)
