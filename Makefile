@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml requirements.lock
 proto $(GENERATED): $(PROTOS) tools/gen_proto.py $(STAMP)
 	$(BIN)/python tools/gen_proto.py
 
-node_modules/.stamp: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+node_modules/.stamp: package.json
+	# buf is pinned exactly in package.json (its platform binaries by buf itself); npm 11 writes
+	# lock files without the other platforms' optional packages, which then breaks `npm ci`.
+	npm install --no-audit --no-fund --no-package-lock --loglevel=error
 	touch $@
 
 lint: install

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # Files that decide what the exported graph computes.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".pt")
 _TASKS = {"dense": "feature-extraction", "sparse": "fill-mask", "rerank": "text-classification"}
-_EXPORT_FORMAT = 1  # bump when the way we export or post-process changes
+_EXPORT_FORMAT = 2  # bump when the way we export or post-process changes
 
 
 def cuda_available() -> bool:
@@ -124,7 +124,15 @@ def export_model(config: ModelConfig, dtype: str, cache_dir: Path) -> Path:
             if dtype == "int8":
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-                quantize_dynamic(str(exported), str(final), weight_type=QuantType.QInt8)
+                # Per-channel int8 weights on MatMuls only: cosine >= 0.989 to fp32 on MiniLM;
+                # the per-tensor default (embeddings included) gave 0.74 on long inputs.
+                quantize_dynamic(
+                    str(exported),
+                    str(final),
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    op_types_to_quantize=["MatMul"],
+                )
             elif dtype == "fp16":
                 import onnx
                 from onnxruntime.transformers.float16 import convert_float_to_float16
