@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from embedserve.models import bundled_path
 from embedserve.settings import DEFAULT_DENSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
+from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 
 from tests.conftest import RunningServer
 
@@ -188,9 +190,10 @@ def test_embed_stream_stops_reading_when_the_client_stops_reading(
 ) -> None:
     """Backpressure: with responses unread, the server reads only its window of requests
     (plus the few whose responses fit in transport buffers), not everything sent."""
-    offered = 200
-    per_request = 16
-    text = "backpressure " * 10
+    # Large responses (256 vectors, ~400 KB each) of cheap inputs: few fit in transport buffers.
+    offered = 80
+    per_request = 256
+    text = "x"
     read_by_server = 0
     real_embed = server.engine.embed
 
@@ -206,10 +209,14 @@ def test_embed_stream_stops_reading_when_the_client_stops_reading(
             request = pb.EmbedRequest(inputs=[f"{i} {text}"] * per_request, encoding=pb.VECTOR_ENCODING_FLOAT)
             yield pb.EmbedStreamRequest(id=str(i), request=request)
 
-    calls = server.stub().EmbedStream(requests())
+    # No BDP probing: the client's receive window stays at HTTP/2's 64 KB, so the transport
+    # buffers only what the sockets hold and the bound below does not depend on grpc tuning.
+    channel = grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)])
+    calls = pb_grpc.EmbeddingServiceStub(channel).EmbedStream(requests())
     time.sleep(3.0)  # the client reads nothing meanwhile
     window = server.settings.stream_window
-    assert read_by_server <= 2 * window, f"server read {read_by_server} requests with a window of {window}"
+    print(f"server read {read_by_server} of {offered} requests with a window of {window}")
+    assert read_by_server <= window + 8, f"server read {read_by_server} requests with a window of {window}"
     model = server.engine.model("", server.engine.describe()[0].kind, "Embed")
     assert model.scheduler.queued <= window * per_request
     ids = [response.id for response in calls]
@@ -225,3 +232,26 @@ def test_concurrent_small_and_large_requests_all_get_their_own_vectors(server: R
     for i, future in enumerate(futures):
         got = decode(future.result())
         assert cosine(got, expected[i : i + 1 + i % 5]).min() >= 0.99999
+
+
+def test_cancelled_stream_drops_its_queued_work(server: RunningServer) -> None:
+    scheduler = server.engine.model("", server.engine.describe()[0].kind, "Embed").scheduler
+    text = " ".join(["cancel"] * 60)
+    release = threading.Event()
+
+    def requests() -> Iterator[pb.EmbedStreamRequest]:
+        for i in range(server.settings.stream_window):
+            yield pb.EmbedStreamRequest(id=str(i), request=pb.EmbedRequest(inputs=[text] * 128))
+        release.wait(30)  # keep the stream open, as a bulk client would
+
+    call = server.stub().EmbedStream(requests())
+    deadline = time.monotonic() + 10
+    while scheduler.queued < 1000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler.queued >= 1000
+    call.cancel()
+    release.set()
+    deadline = time.monotonic() + 10
+    while scheduler.queued > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler.queued == 0
