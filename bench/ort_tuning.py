@@ -16,8 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embed_bench import make_corpus  # noqa: E402
-
+from embed_bench import make_corpus
 from embedserve.backends.config import load_model_config
 from embedserve.backends.onnx import export_model
 from embedserve.engine.tokenizer import TextTokenizer
@@ -46,9 +45,7 @@ def main() -> int:
     tokenizer = TextTokenizer(path, config.max_input_tokens)
     encodings = tokenizer.encode(make_corpus(args.texts, args.seed)).encodings
     encodings.sort(key=lambda e: len(e.ids))
-    batches = [
-        tokenizer.collate(encodings[i : i + args.batch_size]) for i in range(0, len(encodings), args.batch_size)
-    ]
+    batches = [tokenizer.collate(encodings[i : i + args.batch_size]) for i in range(0, len(encodings), args.batch_size)]
     cores = os.cpu_count() or 1
     settings = [(threads, level) for threads in sorted({1, cores}) for level in LEVELS]
     results: dict[tuple[int, str], list[float]] = {s: [] for s in settings}

@@ -97,7 +97,9 @@ def test_failed_onnx_export_falls_back_to_torch_with_a_warning(
 def test_startup_errors_exit_2_and_say_what_to_change(args: list[str], needle: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "embedserve", "--port", "0", "--cache-dir", str(CACHE_DIR), *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr
