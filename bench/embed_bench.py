@@ -45,6 +45,7 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+
 from embedserve import convert
 from embedserve.backends.config import ModelConfig, load_model_config
 from embedserve.backends.onnx import OnnxBackend

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embed_bench import make_corpus
+
 from embedserve.backends.config import load_model_config
 from embedserve.backends.onnx import export_model
 from embedserve.engine.tokenizer import TextTokenizer

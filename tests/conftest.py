@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from embedserve.app import serve
 from embedserve.engine.engine import Engine
 from embedserve.settings import DEFAULT_DENSE_MODEL, ModelSettings, Settings

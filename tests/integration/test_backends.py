@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from embedserve.backends import load_backend
 from embedserve.backends.config import load_model_config
 from embedserve.backends.onnx import OnnxBackend, export_model
@@ -17,7 +18,6 @@ from embedserve.backends.torch import TorchBackend
 from embedserve.engine.tokenizer import TextTokenizer
 from embedserve.models import resolve_model_path
 from embedserve.settings import DEFAULT_DENSE_MODEL
-
 from tests.conftest import CACHE_DIR
 
 TEXTS = ["int8 keeps the meaning", "quantized weights, float activations", "日本語も大丈夫", "a " * 300]

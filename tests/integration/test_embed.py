@@ -12,11 +12,11 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from embedserve.models import bundled_path
 from embedserve.settings import DEFAULT_DENSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
-
 from tests.conftest import RunningServer
 
 Matrix = npt.NDArray[np.float32]

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+
 from embedserve.settings import DEFAULT_DENSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
-
 from tests.conftest import RunningServer, make_settings
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from embedserve.v1 import embedding_service_pb2 as pb
-from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedserve.v1 import embedding_service_pb2 as pb
+from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import CACHE_DIR, RunningServer
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from embedserve.backends.config import detect_kind, load_model_config
 from embedserve.errors import ConfigError
 

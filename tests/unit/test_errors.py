@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from embedserve import errors
 from embedserve.errors import (
     STATUS_CODES,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from embedserve.backends.pooling import normalize, pool
 
 # Two inputs, four token slots, hidden size 3. Row 0 has 4 real tokens, row 1 has 2 and

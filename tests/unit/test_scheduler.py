@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
 from embedserve.engine.scheduler import BatchLimits, Job, Scheduler
 from embedserve.errors import CancelledRequestError, DeadlineExpiredError, EngineFailedError, OverloadedError
 

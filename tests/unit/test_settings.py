@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from embedserve.errors import ConfigError
 from embedserve.settings import DEFAULT_DENSE_MODEL, ModelSettings, Settings, load_settings
 

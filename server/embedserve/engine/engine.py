@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from tokenizers import Encoding
+
 from embedserve.backends import Backend, load_backend
 from embedserve.backends.config import ModelConfig, load_model_config
 from embedserve.backends.pooling import normalize, pool
@@ -27,7 +29,6 @@ from embedserve.engine.types import (
 from embedserve.errors import ConfigError, InvalidInputError, ModelNotFoundError, WrongModelKindError
 from embedserve.models import resolve_model_path
 from embedserve.settings import ModelSettings, Settings
-from tokenizers import Encoding
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,6 @@ class Engine:
         for model in self._models.values():
             await model.scheduler.close()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
-
-    @property
-    def healthy(self) -> bool:
-        """False once any model's worker has crashed."""
-        return all(m.scheduler.failure is None for m in self._models.values())
 
     # -- lookups -----------------------------------------------------------------------
 

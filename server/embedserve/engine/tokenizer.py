@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from embedserve.backends.base import IntArray
 from tokenizers import Encoding, Tokenizer
+
+from embedserve.backends.base import IntArray
 
 
 @dataclass(frozen=True)
