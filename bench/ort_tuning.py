@@ -1,5 +1,6 @@
-"""Measures the ONNX Runtime CPU session settings the server picks: intra-op threads and graph
-optimization level, as throughput ratios to the server's choice, in one run on one corpus.
+"""Measures the ONNX Runtime CPU session settings the server picks (intra-op threads, graph
+optimization level) and int8 quantization, as throughput ratios to the server's default, in one
+run on one corpus.
 
 Usage: .venv/bin/python bench/ort_tuning.py [--texts 600] [--batch-size 32] [--repeats 3]
 """
@@ -32,7 +33,8 @@ LEVELS = {
 
 
 def main() -> int:
-    """Prints texts/s per setting and its ratio to the server's default (all cores, ORT_ENABLE_ALL)."""
+    """Prints texts/s per setting and its ratio to the server's default (all cores, ORT_ENABLE_ALL,
+    fp32), plus int8 dynamic quantization (DTYPES=int8) at the default settings."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--texts", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -42,21 +44,26 @@ def main() -> int:
 
     path = resolve_model_path(DEFAULT_DENSE_MODEL)
     config = load_model_config(path)
-    model_file = export_model(config, "fp32", Settings().cache_dir)
+    cache_dir = Settings().cache_dir
+    model_files = {dtype: export_model(config, dtype, cache_dir) for dtype in ("fp32", "int8")}
     tokenizer = TextTokenizer(path, config.max_input_tokens)
     encodings = tokenizer.encode(make_corpus(args.texts, args.seed)).encodings
     encodings.sort(key=lambda e: len(e.ids))
     batches = [tokenizer.collate(encodings[i : i + args.batch_size]) for i in range(0, len(encodings), args.batch_size)]
     cores = os.cpu_count() or 1
-    settings = [(threads, level) for threads in sorted({1, cores}) for level in LEVELS]
-    results: dict[tuple[int, str], list[float]] = {s: [] for s in settings}
+    settings = [(threads, level, "fp32") for threads in sorted({1, cores}) for level in LEVELS]
+    settings.append((cores, "all", "int8"))
+    default = (cores, "all", "fp32")
+    results: dict[tuple[int, str, str], list[float]] = {s: [] for s in settings}
     sessions = {}
-    for threads, level in settings:
+    for threads, level, dtype in settings:
         options = ort.SessionOptions()
         options.graph_optimization_level = LEVELS[level]
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        sessions[(threads, level)] = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        sessions[(threads, level, dtype)] = ort.InferenceSession(
+            str(model_files[dtype]), options, providers=["CPUExecutionProvider"]
+        )
     # Interleave settings across repeats so drift on a shared machine hits them all alike.
     for _ in range(args.repeats):
         for key, session in sessions.items():
@@ -64,12 +71,12 @@ def main() -> int:
             for ids, mask, types in batches:
                 session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
             results[key].append(len(encodings) / (time.perf_counter() - started))
-    default = float(np.median(results[(cores, "all")]))
-    print(f"{'threads':>7}  {'graph opt':<9}  {'texts/s':>8}  {'vs default':>10}")
-    for (threads, level), rates in results.items():
+    baseline = float(np.median(results[default]))
+    print(f"{'threads':>7}  {'graph opt':<9}  {'dtype':<5}  {'texts/s':>8}  {'vs default':>10}")
+    for (threads, level, dtype), rates in results.items():
         rate = float(np.median(rates))
-        mark = "  <- server default" if (threads, level) == (cores, "all") else ""
-        print(f"{threads:>7}  {level:<9}  {rate:>8.1f}  {rate / default:>10.3f}{mark}")
+        mark = "  <- server default" if (threads, level, dtype) == default else ""
+        print(f"{threads:>7}  {level:<9}  {dtype:<5}  {rate:>8.1f}  {rate / baseline:>10.3f}{mark}")
     return 0
 
 

@@ -121,9 +121,12 @@ class Scheduler(Generic[T, R]):
         """Items admitted and not yet computed."""
         return self._queued
 
+    def _crashed(self) -> EngineFailedError:
+        return EngineFailedError(f"the worker for model {self.name} crashed: {self.failure!r}")
+
     def _check_healthy(self) -> None:
         if self.failure is not None:
-            raise EngineFailedError(f"the worker for model {self.name} crashed: {self.failure!r}")
+            raise self._crashed()
 
     def submit_nowait(self, job: Job[T, R]) -> None:
         """Admits a job or fails fast with OverloadedError when the queue cannot take it."""
@@ -172,7 +175,7 @@ class Scheduler(Generic[T, R]):
                 continue
             if self.failure is not None:
                 self._space_waiters.popleft()
-                waiter.set_exception(EngineFailedError(f"the worker for model {self.name} crashed: {self.failure!r}"))
+                waiter.set_exception(self._crashed())
                 continue
             if self._queued + job.size > self.queue_size:
                 break
