@@ -35,5 +35,7 @@ class Backend(ABC):
 
     @abstractmethod
     def forward(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray) -> FloatArray:
-        """Returns the model's raw output as float32: the last hidden state (batch, tokens,
-        hidden) for dense models, logits for the others."""
+        """Returns the model's output as float32, by kind: dense, the last hidden state (batch,
+        tokens, hidden), pooled by the caller; sparse, SPLADE term weights (batch, vocab), each
+        the max over the input's real tokens of log(1 + relu(logit)), padding excluded; rerank,
+        the classifier logits (batch, num_labels)."""

@@ -2,8 +2,9 @@
 
 Exporter: optimum's (package optimum-onnx). torch.onnx.export (TorchScript path, torch
 2.13, transformers 4.57) produced vectors off by ~0.2 from the torch model for BERT; optimum's
-model patches give 3e-6, so it is the exporter. Pooling stays outside the graph, in numpy
-(`pooling.py`), so both backends share one pooling implementation.
+model patches give 3e-6, so it is the exporter. Dense pooling stays outside the graph, in numpy
+(`pooling.py`), so both backends share one pooling implementation. SPLADE pooling goes into the
+graph (`splade.py`): outside it, the full masked-LM logits would have to leave the session.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedserve.backends import splade
 from embedserve.backends.base import Backend, BackendInfo, FloatArray, IntArray
 from embedserve.backends.config import ModelConfig
 
@@ -29,7 +31,10 @@ log = logging.getLogger(__name__)
 # Files that decide what the exported graph computes.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".pt")
 _TASKS = {"dense": "feature-extraction", "sparse": "fill-mask", "rerank": "text-classification"}
-_EXPORT_FORMAT = 2  # bump when the way we export or post-process changes
+_EXPORT_FORMAT = 3  # bump when the way we export or post-process changes
+# The graph output each kind returns: dense the last hidden state (its first output), sparse the
+# SPLADE weights appended by splade.append_to_graph, rerank the classifier logits.
+_OUTPUTS = {"sparse": splade.OUTPUT, "rerank": "logits"}
 
 
 def cuda_available() -> bool:
@@ -119,6 +124,8 @@ def export_model(config: ModelConfig, dtype: str, cache_dir: Path) -> Path:
                 library_name="transformers",
             )
             exported = work / "fp32" / "model.onnx"
+            if config.kind == "sparse":
+                _append_splade(exported)
             final = work / "out" / "model.onnx"
             final.parent.mkdir()
             if dtype == "int8":
@@ -154,6 +161,16 @@ def export_model(config: ModelConfig, dtype: str, cache_dir: Path) -> Path:
     return model_file
 
 
+def _append_splade(model_file: Path) -> None:
+    """Ends a fill-mask export in SPLADE pooling, in place, before any quantization or fp16."""
+    import onnx
+
+    # Weights in external data files stay where they are; only the graph is rewritten.
+    model = onnx.load(str(model_file), load_external_data=False)
+    splade.append_to_graph(model)
+    onnx.save(model, str(model_file))
+
+
 class OnnxBackend(Backend):
     """Runs an exported graph on the CUDA execution provider when present, else on CPU."""
 
@@ -177,7 +194,10 @@ class OnnxBackend(Backend):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_cuda else ["CPUExecutionProvider"]
         self._session = ort.InferenceSession(str(model_file), options, providers=providers)
         self._inputs = {i.name for i in self._session.get_inputs()}
-        self._output = self._session.get_outputs()[0].name
+        outputs = [o.name for o in self._session.get_outputs()]
+        self._output = _OUTPUTS.get(config.kind, outputs[0])
+        if self._output not in outputs:
+            raise RuntimeError(f"{model_file} has no output {self._output!r} for a {config.kind} model: {outputs}")
         # Measured on 2 CPU cores: ~5 ms per session.run beyond its tokens, ~16-32 tokens of
         # MiniLM work; on a GPU a launch costs far more than a few tokens.
         overhead = 512 if on_cuda else 24

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from embedserve.backends import splade
 from embedserve.backends.base import Backend, BackendInfo, FloatArray, IntArray
 from embedserve.backends.config import ModelConfig
 from embedserve.errors import ConfigError
@@ -35,17 +36,23 @@ class TorchBackend(Backend):
         self._model = model.to(device).eval()
         self._device = torch.device(device)
         self._torch = torch
-        self._dense = config.kind == "dense"
+        self._kind = config.kind
         overhead = 512 if device == "cuda" else 32
         self.info = BackendInfo(name="torch", provider=device, dtype=dtype, batch_overhead_tokens=overhead)
 
     def forward(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray) -> FloatArray:
         torch = self._torch
         with torch.inference_mode():
+            mask = torch.from_numpy(attention_mask).to(self._device)
             out = self._model(
                 input_ids=torch.from_numpy(input_ids).to(self._device),
-                attention_mask=torch.from_numpy(attention_mask).to(self._device),
+                attention_mask=mask,
                 token_type_ids=torch.from_numpy(token_type_ids).to(self._device),
             )
-            tensor = out.last_hidden_state if self._dense else out.logits
+            if self._kind == "dense":
+                tensor = out.last_hidden_state
+            elif self._kind == "sparse":
+                tensor = splade.pool_torch(out.logits, mask)
+            else:
+                tensor = out.logits
             return np.asarray(tensor.float().cpu().numpy(), dtype=np.float32)
