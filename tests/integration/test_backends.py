@@ -88,7 +88,7 @@ def test_failed_onnx_export_falls_back_to_torch_with_a_warning(
     ("args", "needle"),
     [
         (["--model-names", "/no/such/model"], "model '/no/such/model' not found"),
-        (["--batch-sizes", "8;8"], "BATCH_SIZES has 2 values but 1 models"),
+        (["--batch-sizes", "8;8;8"], "BATCH_SIZES has 3 values but 2 models"),
         (["--dtypes", "fp16"], "fp16 needs the CUDA execution provider"),
         (["--max-batch-tokens", "100"], "raise --max-batch-tokens to at least 256"),
     ],

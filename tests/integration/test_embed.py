@@ -14,7 +14,7 @@ import numpy.typing as npt
 import pytest
 
 from embedserve.models import bundled_path
-from embedserve.settings import DEFAULT_DENSE_MODEL
+from embedserve.settings import DEFAULT_DENSE_MODEL, DEFAULT_SPARSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer
@@ -150,13 +150,14 @@ def test_prompt_is_prefixed_to_every_input(server: RunningServer) -> None:
     assert cosine(plain, prefixed)[0] < 0.9999
 
 
-def test_list_models_describes_the_served_model(server: RunningServer) -> None:
+def test_list_models_describes_the_served_models(server: RunningServer) -> None:
     models = server.stub().ListModels(pb.ListModelsRequest()).models
-    assert len(models) == 1
+    assert [(m.id, m.kind) for m in models] == [
+        (DEFAULT_DENSE_MODEL, pb.MODEL_KIND_DENSE),
+        (DEFAULT_SPARSE_MODEL, pb.MODEL_KIND_SPARSE),
+    ]
     model = models[0]
-    assert model.id == DEFAULT_DENSE_MODEL
-    assert model.kind == pb.MODEL_KIND_DENSE
-    assert list(model.capabilities) == ["Embed", "EmbedStream"]
+    assert list(model.capabilities) == ["Embed", "EmbedStream", "Rerank"]
     assert (model.dimension, model.max_input_tokens) == (384, 256)
     assert (model.backend, model.execution_provider, model.dtype) == ("onnx", "CPUExecutionProvider", "fp32")
     assert model.normalize is True
@@ -217,7 +218,7 @@ def test_embed_stream_stops_reading_when_the_client_stops_reading(
     window = server.settings.stream_window
     print(f"server read {read_by_server} of {offered} requests with a window of {window}")
     assert read_by_server <= window + 8, f"server read {read_by_server} requests with a window of {window}"
-    model = server.engine.model("", server.engine.describe()[0].kind, "Embed")
+    model = server.engine.model("", "Embed")
     assert model.scheduler.queued <= window * per_request
     ids = [response.id for response in calls]
     assert sorted(ids, key=int) == [str(i) for i in range(offered)]
@@ -235,7 +236,7 @@ def test_concurrent_small_and_large_requests_all_get_their_own_vectors(server: R
 
 
 def test_cancelled_stream_drops_its_queued_work(server: RunningServer) -> None:
-    scheduler = server.engine.model("", server.engine.describe()[0].kind, "Embed").scheduler
+    scheduler = server.engine.model("", "Embed").scheduler
     text = " ".join(["cancel"] * 60)
     release = threading.Event()
 

@@ -60,13 +60,6 @@ def test_too_long_input_without_truncation_names_both_lengths(server: RunningSer
     assert "truncate=true" in error.details()
 
 
-def test_sparse_and_rerank_are_unimplemented_for_now(server: RunningServer) -> None:
-    stub = server.stub()
-    assert error_of(stub.SparseEmbed, pb.SparseEmbedRequest(inputs=["x"])).code() == grpc.StatusCode.UNIMPLEMENTED
-    rerank = pb.RerankRequest(query="q", documents=["d"])
-    assert error_of(stub.Rerank, rerank).code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 @pytest.fixture(scope="module")
 def small_queue_server() -> Iterator[RunningServer]:
     """A server whose queue holds 64 inputs, to overflow on purpose."""

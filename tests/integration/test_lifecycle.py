@@ -138,7 +138,7 @@ def test_small_request_behind_a_2048_input_request_is_not_starved(server: Runnin
 
 def test_cancelled_request_drops_its_queued_work(server: RunningServer) -> None:
     stub = server.stub()
-    scheduler = server.engine.model("", server.engine.describe()[0].kind, "Embed").scheduler
+    scheduler = server.engine.model("", "Embed").scheduler
     call = stub.Embed.future(pb.EmbedRequest(inputs=[MEDIUM] * 2048), timeout=600)
     deadline = time.monotonic() + 10
     while scheduler.queued < 1000 and time.monotonic() < deadline:
@@ -155,7 +155,7 @@ def test_cancelled_request_drops_its_queued_work(server: RunningServer) -> None:
 
 def test_expired_deadline_is_deadline_exceeded_and_work_is_dropped(server: RunningServer) -> None:
     stub = server.stub()
-    scheduler = server.engine.model("", server.engine.describe()[0].kind, "Embed").scheduler
+    scheduler = server.engine.model("", "Embed").scheduler
     with pytest.raises(grpc.RpcError) as caught:
         stub.Embed(pb.EmbedRequest(inputs=[MEDIUM] * 2048), timeout=0.5)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from embedserve.errors import ConfigError
-from embedserve.settings import DEFAULT_DENSE_MODEL, ModelSettings, Settings, load_settings
+from embedserve.settings import DEFAULT_DENSE_MODEL, DEFAULT_SPARSE_MODEL, ModelSettings, Settings, load_settings
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -19,7 +19,10 @@ def write_config(tmp_path: Path, text: str) -> Path:
 def test_no_flags_env_or_file_gives_the_defaults() -> None:
     settings = load_settings([], {})
     assert settings == Settings()
-    assert settings.models == (ModelSettings(DEFAULT_DENSE_MODEL, batch_size=32, backend="onnx", dtype="auto"),)
+    assert settings.models == (
+        ModelSettings(DEFAULT_DENSE_MODEL, batch_size=32, backend="onnx", dtype="auto"),
+        ModelSettings(DEFAULT_SPARSE_MODEL, batch_size=32, backend="onnx", dtype="auto"),
+    )
     assert settings.port == 50051
     assert settings.queue_size == 16384
     assert settings.max_inputs_per_request == 2048

@@ -19,10 +19,17 @@ from embedserve.engine.scheduler import BatchLimits, Job, Scheduler
 from embedserve.engine.tokenizer import TextTokenizer, Tokenized
 from embedserve.engine.types import (
     CAPABILITIES,
+    SERVED_BY,
     EmbedParams,
     EmbedResult,
     Kind,
     ModelDescription,
+    Ranked,
+    RerankParams,
+    RerankResult,
+    SparseParams,
+    SparseResult,
+    SparseVector,
     Timing,
     Usage,
 )
@@ -33,6 +40,8 @@ from embedserve.settings import ModelSettings, Settings
 log = logging.getLogger(__name__)
 
 Vector = np.ndarray
+# What one input becomes: a pooled vector, a sparse vector or a relevance logit.
+Output = Vector | SparseVector | float
 
 
 @dataclass
@@ -43,7 +52,7 @@ class ServedModel:
     config: ModelConfig
     tokenizer: TextTokenizer
     backend: Backend
-    scheduler: Scheduler[Encoding, Vector]
+    scheduler: Scheduler[Encoding, Output]
     batch_size: int
 
     @property
@@ -70,15 +79,28 @@ class ServedModel:
         )
 
 
-def _dense_runner(
+def _runner(
     tokenizer: TextTokenizer, backend: Backend, config: ModelConfig
-) -> Callable[[list[Encoding]], Sequence[Vector]]:
-    def run(encodings: list[Encoding]) -> Sequence[Vector]:
-        ids, mask, types = tokenizer.collate(encodings)
-        hidden = backend.forward(ids, mask, types)
-        return list(pool(hidden, mask, config.pooling))
+) -> Callable[[list[Encoding]], Sequence[Output]]:
+    """The work of one batch, run in the scheduler's worker thread: pad, forward, and turn the
+    backend's output into one result per input (a vector, a sparse vector or a score)."""
 
-    return run
+    def dense(encodings: list[Encoding]) -> Sequence[Output]:
+        ids, mask, types = tokenizer.collate(encodings)
+        return list(pool(backend.forward(ids, mask, types), mask, config.pooling))
+
+    def sparse(encodings: list[Encoding]) -> Sequence[Output]:
+        weights = backend.forward(*tokenizer.collate(encodings))
+        rows = []
+        for row in weights:
+            indices = np.flatnonzero(row > 0).astype(np.int32)
+            rows.append(SparseVector(indices=indices, values=row[indices].astype(np.float32)))
+        return rows
+
+    def rerank(encodings: list[Encoding]) -> Sequence[Output]:
+        return [float(logits[0]) for logits in backend.forward(*tokenizer.collate(encodings))]
+
+    return {"dense": dense, "sparse": sparse, "rerank": rerank}[config.kind]
 
 
 class Engine:
@@ -120,19 +142,23 @@ class Engine:
         """Every served model, in configuration order."""
         return [self._models[i].describe() for i in self._order]
 
-    def model(self, name: str, kind: Kind, rpc: str) -> ServedModel:
-        """Finds the model a request names (empty = the first model of that kind)."""
+    def model(self, name: str, rpc: str) -> ServedModel:
+        """Finds the model a request names; empty picks the first served model of a kind that
+        answers the RPC (for Rerank: a cross-encoder, else a dense model)."""
+        kinds = SERVED_BY[rpc]
         if not name:
-            for model_id in self._order:
-                if self._models[model_id].kind is kind:
-                    return self._models[model_id]
+            for kind in kinds:
+                for model_id in self._order:
+                    if self._models[model_id].kind is kind:
+                        return self._models[model_id]
+            wanted = " or ".join(k.value for k in kinds)
             raise ModelNotFoundError(
-                f"no {kind.value} model is served, so {rpc} needs one in MODEL_NAMES; served: {self._served()}"
+                f"no {wanted} model is served, so {rpc} needs one in MODEL_NAMES; served: {self._served()}"
             )
         model = self._models.get(name)
         if model is None:
             raise ModelNotFoundError(f"model {name!r} is not served; served models: {self._served()}")
-        if model.kind is not kind:
+        if model.kind not in kinds:
             raise WrongModelKindError(
                 f"model {name!r} is a {model.kind.value} model and answers "
                 f"{', '.join(CAPABILITIES[model.kind])}, not {rpc}"
@@ -154,15 +180,25 @@ class Engine:
             if not text:
                 raise InvalidInputError(f"{what}[{i}] is an empty string: every input needs text")
 
-    async def _tokenize(self, model: ServedModel, texts: list[str], truncate: bool) -> tuple[Tokenized, float]:
+    async def _tokenize(
+        self, model: ServedModel, texts: list[str], truncate: bool, query: str | None = None
+    ) -> tuple[Tokenized, float]:
+        """Tokenizes texts (or query/text pairs) off the event loop; with truncate=False an
+        input over the model's max tokens fails the request, naming both lengths."""
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        tokenized = await loop.run_in_executor(self._tokenize_pool, model.tokenizer.encode, texts)
+        if query is None:
+            tokenized = await loop.run_in_executor(self._tokenize_pool, model.tokenizer.encode, texts)
+        else:
+            tokenized = await loop.run_in_executor(self._tokenize_pool, model.tokenizer.encode_pairs, query, texts)
         if tokenized.truncated and not truncate:
             first = tokenized.truncated[0]
-            length = await loop.run_in_executor(self._tokenize_pool, model.tokenizer.full_length, texts[first])
+            what = "inputs" if query is None else "documents"
+            full = texts[first] if query is None else f"{query} {texts[first]}"
+            length = await loop.run_in_executor(self._tokenize_pool, model.tokenizer.full_length, full)
+            pair = "" if query is None else " together with the query"
             raise InvalidInputError(
-                f"inputs[{first}] has {length} tokens but model {model.id} accepts at most "
+                f"{what}[{first}] has {length} tokens{pair} but model {model.id} accepts at most "
                 f"{model.tokenizer.max_tokens}: shorten it or set truncate=true "
                 f"({len(tokenized.truncated)} input(s) too long)"
             )
@@ -170,8 +206,8 @@ class Engine:
 
     async def _run(
         self, model: ServedModel, tokenized: Tokenized, deadline: float | None, wait: bool
-    ) -> tuple[list[Vector], Job[Encoding, Vector]]:
-        job: Job[Encoding, Vector] = Job(tokenized.encodings, tokenized.lengths, deadline)
+    ) -> tuple[list[Output], Job[Encoding, Output]]:
+        job: Job[Encoding, Output] = Job(tokenized.encodings, tokenized.lengths, deadline)
         if wait:
             await model.scheduler.submit(job)
         else:
@@ -187,7 +223,7 @@ class Engine:
         """Returns one vector per input. With wait=True a full queue delays admission
         (streams); otherwise it fails fast with OverloadedError (unary)."""
         arrived = time.monotonic()
-        model = self.model(params.model, Kind.DENSE, "Embed")
+        model = self.model(params.model, "Embed")
         self._check_inputs(params.inputs)
         dimension = model.config.hidden_size
         if params.dimensions is not None and not 1 <= params.dimensions <= dimension:
@@ -198,23 +234,57 @@ class Engine:
         texts = [prefix + t for t in params.inputs] if prefix else list(params.inputs)
         tokenized, tokenize_s = await self._tokenize(model, texts, params.truncate)
         rows, job = await self._run(model, tokenized, deadline, wait)
-        vectors = np.stack(rows)
+        vectors = np.stack(rows)  # type: ignore[arg-type]  # dense models return vectors
         if params.dimensions is not None:
             vectors = vectors[:, : params.dimensions]
         if model.config.normalize if params.normalize is None else params.normalize:
             vectors = normalize(vectors)
-        done = time.monotonic()
         return EmbedResult(
             vectors=np.ascontiguousarray(vectors, dtype=np.float32),
             model=model.id,
-            usage=Usage(prompt_tokens=tokenized.tokens, truncated_inputs=len(tokenized.truncated)),
-            timing=Timing(
-                queue_ms=(job.last_batch_started_at - job.admitted_at) * 1e3,
-                tokenize_ms=tokenize_s * 1e3,
-                inference_ms=job.inference_s * 1e3,
-                total_ms=(done - arrived) * 1e3,
-            ),
+            usage=_usage(tokenized),
+            timing=_timing(arrived, tokenize_s, job),
         )
+
+    async def sparse_embed(self, params: SparseParams, deadline: float | None = None) -> SparseResult:
+        """Returns one SPLADE vector per input, optionally cut to its top_k or heaviest terms."""
+        arrived = time.monotonic()
+        model = self.model(params.model, "SparseEmbed")
+        self._check_inputs(params.inputs)
+        if params.top_k is not None and params.top_k < 1:
+            raise InvalidInputError(f"top_k must be at least 1, got {params.top_k}")
+        if params.min_weight is not None and params.min_weight < 0:
+            raise InvalidInputError(f"min_weight must be 0 or more, got {params.min_weight}")
+        tokenized, tokenize_s = await self._tokenize(model, list(params.inputs), params.truncate)
+        rows, job = await self._run(model, tokenized, deadline, wait=False)
+        vectors = [_select_terms(row, params, model.tokenizer) for row in rows]  # type: ignore[arg-type]
+        return SparseResult(vectors, model.id, _usage(tokenized), _timing(arrived, tokenize_s, job))
+
+    async def rerank(self, params: RerankParams, deadline: float | None = None) -> RerankResult:
+        """Scores documents against the query with a cross-encoder, or by cosine similarity
+        with a dense model; returns them highest first."""
+        arrived = time.monotonic()
+        model = self.model(params.model, "Rerank")
+        if not params.query:
+            raise InvalidInputError("query is empty: send the text to rank documents against")
+        self._check_inputs(params.documents, "documents")
+        if params.top_n is not None and params.top_n < 1:
+            raise InvalidInputError(f"top_n must be at least 1, got {params.top_n}")
+        if model.kind is Kind.RERANK:
+            tokenized, tokenize_s = await self._tokenize(model, params.documents, params.truncate, params.query)
+            logits, job = await self._run(model, tokenized, deadline, wait=False)
+            scores = np.asarray(logits, dtype=np.float64)
+            if not params.raw_scores:
+                scores = 1.0 / (1.0 + np.exp(-scores))
+        else:  # bi-encoder: cosine between the query's vector and each document's
+            texts = [params.query, *params.documents]
+            tokenized, tokenize_s = await self._tokenize(model, texts, params.truncate)
+            rows, job = await self._run(model, tokenized, deadline, wait=False)
+            vectors = normalize(np.stack(rows))  # type: ignore[arg-type]
+            scores = vectors[1:] @ vectors[0]
+        order = sorted(range(len(params.documents)), key=lambda i: -scores[i])[: params.top_n]
+        results = [Ranked(i, float(scores[i]), params.documents[i] if params.return_documents else "") for i in order]
+        return RerankResult(results, model.id, _usage(tokenized), _timing(arrived, tokenize_s, job))
 
     @staticmethod
     def _prompt(model: ServedModel, params: EmbedParams) -> str:
@@ -232,17 +302,46 @@ class Engine:
         return prompts[name]
 
 
+def _usage(tokenized: Tokenized) -> Usage:
+    return Usage(prompt_tokens=tokenized.tokens, truncated_inputs=len(tokenized.truncated))
+
+
+def _timing(arrived: float, tokenize_s: float, job: Job[Encoding, Output]) -> Timing:
+    return Timing(
+        queue_ms=(job.last_batch_started_at - job.admitted_at) * 1e3,
+        tokenize_ms=tokenize_s * 1e3,
+        inference_ms=job.inference_s * 1e3,
+        total_ms=(time.monotonic() - arrived) * 1e3,
+    )
+
+
+def _select_terms(vector: SparseVector, params: SparseParams, tokenizer: TextTokenizer) -> SparseVector:
+    """Applies a request's min_weight and top_k; indices stay ascending."""
+    keep = np.ones(len(vector.indices), dtype=bool)
+    if params.min_weight is not None:
+        keep &= vector.values > params.min_weight
+    indices, values = vector.indices[keep], vector.values[keep]
+    if params.top_k is not None and len(indices) > params.top_k:
+        heaviest = np.sort(np.argsort(-values, kind="stable")[: params.top_k])
+        indices, values = indices[heaviest], values[heaviest]
+    tokens = [tokenizer.token(int(i)) for i in indices] if params.return_tokens else []
+    return SparseVector(indices=indices, values=values, tokens=tokens)
+
+
 def load_served_model(spec: ModelSettings, settings: Settings) -> ServedModel:
     """Loads one model's config, tokenizer and backend, logging what was loaded and how long it took."""
     started = time.monotonic()
     path = resolve_model_path(spec.name)
     config = load_model_config(path, spec.kind)
-    if config.kind != "dense":
-        raise ConfigError(f"model {spec.name} is a {config.kind} model; only dense models are served so far")
     if config.max_input_tokens > settings.max_batch_tokens:
         raise ConfigError(
             f"model {spec.name} takes inputs of up to {config.max_input_tokens} tokens but MAX_BATCH_TOKENS is "
             f"{settings.max_batch_tokens}: raise --max-batch-tokens to at least {config.max_input_tokens}"
+        )
+    if config.kind == "rerank" and config.num_labels != 1:
+        raise ConfigError(
+            f"model {spec.name} is a sequence classifier with {config.num_labels} labels; rerank needs a "
+            f"cross-encoder with one relevance label (num_labels=1)"
         )
     tokenizer = TextTokenizer(path, config.max_input_tokens)
     backend = load_backend(config, spec.backend, spec.dtype, settings.cache_dir, settings.intra_op_threads)
@@ -252,19 +351,22 @@ def load_served_model(spec: ModelSettings, settings: Settings) -> ServedModel:
         padded=backend.info.padded,
         batch_overhead_tokens=backend.info.batch_overhead_tokens,
     )
-    scheduler: Scheduler[Encoding, Vector] = Scheduler(
-        spec.name, _dense_runner(tokenizer, backend, config), limits, settings.queue_size
+    scheduler: Scheduler[Encoding, Output] = Scheduler(
+        spec.name, _runner(tokenizer, backend, config), limits, settings.queue_size
     )
     info = backend.info
+    if config.kind == "dense":
+        shape = f"{config.hidden_size}-d, pooling {config.pooling}{', normalized' if config.normalize else ''}"
+    elif config.kind == "sparse":
+        shape = f"vocabulary {config.vocab_size}, SPLADE max pooling"
+    else:
+        shape = f"{config.num_labels} label(s)"
     log.info(
-        "loaded model %s (%s, %d-d, max %d tokens, pooling %s%s) from %s: "
-        "backend %s, provider %s, dtype %s, batch %d, in %.1f s",
+        "loaded model %s (%s, %s, max %d tokens) from %s: backend %s, provider %s, dtype %s, batch %d, in %.1f s",
         spec.name,
         config.kind,
-        config.hidden_size,
+        shape,
         config.max_input_tokens,
-        config.pooling,
-        ", normalized" if config.normalize else "",
         path,
         info.name,
         info.provider,

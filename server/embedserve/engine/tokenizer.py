@@ -10,6 +10,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from embedserve.backends.base import IntArray
+from embedserve.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class TextTokenizer:
         self._truncating = copy.deepcopy(backend)
         self._truncating.no_padding()
         self._truncating.enable_truncation(max_length=max_tokens)
+        # Query/document pairs are cut on the document side only, never the query.
+        self._pairs = copy.deepcopy(backend)
+        self._pairs.no_padding()
+        self._pairs.enable_truncation(max_length=max_tokens, strategy="only_second")
         self._full = copy.deepcopy(backend)
         self._full.no_padding()
         self._full.no_truncation()
@@ -48,6 +53,23 @@ class TextTokenizer:
         encodings = self._truncating.encode_batch(texts)
         truncated = [i for i, e in enumerate(encodings) if e.overflowing]
         return Tokenized(encodings, [len(e.ids) for e in encodings], truncated)
+
+    def encode_pairs(self, query: str, documents: list[str]) -> Tokenized:
+        """Tokenizes (query, document) pairs, cutting documents so each pair fits max_tokens."""
+        try:
+            encodings = self._pairs.encode_batch([(query, document) for document in documents])
+        except Exception as exc:  # tokenizers raises a bare Exception when the query alone is too long
+            query_tokens = len(self._full.encode(query).ids)
+            raise InvalidInputError(
+                f"the query has {query_tokens} tokens, which leaves no room for a document within the "
+                f"model's {self.max_tokens} tokens: shorten the query"
+            ) from exc
+        truncated = [i for i, e in enumerate(encodings) if e.overflowing]
+        return Tokenized(encodings, [len(e.ids) for e in encodings], truncated)
+
+    def token(self, token_id: int) -> str:
+        """The vocabulary token of an id."""
+        return self._full.id_to_token(token_id) or ""
 
     def full_length(self, text: str) -> int:
         """Tokens of text without truncation (for error messages)."""

@@ -17,11 +17,19 @@ class Kind(StrEnum):
     RERANK = "rerank"
 
 
-# RPCs each kind answers (ListModels capabilities; FAILED_PRECONDITION messages).
+# RPCs each kind answers (ListModels capabilities; FAILED_PRECONDITION messages). Dense
+# models rerank too, by cosine similarity between the query's and each document's vector.
 CAPABILITIES: dict[Kind, tuple[str, ...]] = {
-    Kind.DENSE: ("Embed", "EmbedStream"),
+    Kind.DENSE: ("Embed", "EmbedStream", "Rerank"),
     Kind.SPARSE: ("SparseEmbed",),
     Kind.RERANK: ("Rerank",),
+}
+
+# Kinds that answer each RPC, in the order a request that names no model picks its default.
+SERVED_BY: dict[str, tuple[Kind, ...]] = {
+    "Embed": (Kind.DENSE,),
+    "SparseEmbed": (Kind.SPARSE,),
+    "Rerank": (Kind.RERANK, Kind.DENSE),
 }
 
 
@@ -36,6 +44,31 @@ class EmbedParams:
     truncate: bool = True
     prompt_name: str = ""
     prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class SparseParams:
+    """A sparse (SPLADE) embedding request."""
+
+    inputs: list[str]
+    model: str = ""
+    truncate: bool = True
+    top_k: int | None = None
+    min_weight: float | None = None
+    return_tokens: bool = False
+
+
+@dataclass(frozen=True)
+class RerankParams:
+    """A rerank request: documents scored against one query."""
+
+    query: str
+    documents: list[str]
+    model: str = ""
+    top_n: int | None = None
+    return_documents: bool = False
+    raw_scores: bool = False
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -66,6 +99,44 @@ class EmbedResult:
     """Vectors, one row per input, in input order."""
 
     vectors: npt.NDArray[np.float32]
+    model: str
+    usage: Usage
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class SparseVector:
+    """One sparse vector: vocabulary ids (ascending) and their weights (> 0)."""
+
+    indices: npt.NDArray[np.int32]
+    values: npt.NDArray[np.float32]
+    tokens: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SparseResult:
+    """Sparse vectors, one per input, in input order."""
+
+    vectors: list[SparseVector]
+    model: str
+    usage: Usage
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One document's place in a ranking."""
+
+    index: int
+    score: float
+    document: str = ""
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """Documents sorted by score, highest first."""
+
+    results: list[Ranked]
     model: str
     usage: Usage
     timing: Timing

