@@ -314,3 +314,13 @@ def test_default_server_reranks_and_sparse_embeds_out_of_the_box(server: Running
     sparse = stub.SparseEmbed(pb.SparseEmbedRequest(inputs=[QUERY]))
     assert sparse.model == DEFAULT_SPARSE_MODEL
     assert len(sparse.embeddings[0].indices) > 0
+
+
+def test_dense_rerank_without_truncation_names_the_document_that_is_too_long(mixed: RunningServer) -> None:
+    long_document = " ".join(["word"] * 400)
+    request = pb.RerankRequest(
+        model=DEFAULT_DENSE_MODEL, query=QUERY, documents=["short", long_document], truncate=False
+    )
+    error = error_of(mixed.stub().Rerank, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "documents[1] has 402 tokens" in error.details() and "at most 256" in error.details()

@@ -181,10 +181,16 @@ class Engine:
                 raise InvalidInputError(f"{what}[{i}] is an empty string: every input needs text")
 
     async def _tokenize(
-        self, model: ServedModel, texts: list[str], truncate: bool, query: str | None = None
+        self,
+        model: ServedModel,
+        texts: list[str],
+        truncate: bool,
+        query: str | None = None,
+        name: Callable[[int], str] = "inputs[{}]".format,
     ) -> tuple[Tokenized, float]:
         """Tokenizes texts (or query/text pairs) off the event loop; with truncate=False an
-        input over the model's max tokens fails the request, naming both lengths."""
+        input over the model's max tokens fails the request, naming it (`name(position)`) and
+        both lengths."""
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         if query is None:
@@ -193,12 +199,11 @@ class Engine:
             tokenized = await loop.run_in_executor(self._tokenize_pool, model.tokenizer.encode_pairs, query, texts)
         if tokenized.truncated and not truncate:
             first = tokenized.truncated[0]
-            what = "inputs" if query is None else "documents"
             full = texts[first] if query is None else f"{query} {texts[first]}"
             length = await loop.run_in_executor(self._tokenize_pool, model.tokenizer.full_length, full)
             pair = "" if query is None else " together with the query"
             raise InvalidInputError(
-                f"{what}[{first}] has {length} tokens{pair} but model {model.id} accepts at most "
+                f"{name(first)} has {length} tokens{pair} but model {model.id} accepts at most "
                 f"{model.tokenizer.max_tokens}: shorten it or set truncate=true "
                 f"({len(tokenized.truncated)} input(s) too long)"
             )
@@ -271,14 +276,23 @@ class Engine:
         if params.top_n is not None and params.top_n < 1:
             raise InvalidInputError(f"top_n must be at least 1, got {params.top_n}")
         if model.kind is Kind.RERANK:
-            tokenized, tokenize_s = await self._tokenize(model, params.documents, params.truncate, params.query)
+            tokenized, tokenize_s = await self._tokenize(
+                model, params.documents, params.truncate, params.query, "documents[{}]".format
+            )
             logits, job = await self._run(model, tokenized, deadline, wait=False)
             scores = np.asarray(logits, dtype=np.float64)
             if not params.raw_scores:
                 scores = 1.0 / (1.0 + np.exp(-scores))
         else:  # bi-encoder: cosine between the query's vector and each document's
-            texts = [params.query, *params.documents]
-            tokenized, tokenize_s = await self._tokenize(model, texts, params.truncate)
+            # With the model's own query/document prompts, as sentence-transformers' encode_query
+            # and encode_document apply them (E5: "query: ", "passage: ").
+            prompts = model.config.prompts
+            query_prompt = prompts.get("query", "")
+            document_prompt = next((prompts[k] for k in ("document", "passage", "corpus") if k in prompts), "")
+            texts = [query_prompt + params.query, *(document_prompt + d for d in params.documents)]
+            tokenized, tokenize_s = await self._tokenize(
+                model, texts, params.truncate, name=lambda i: "the query" if i == 0 else f"documents[{i - 1}]"
+            )
             rows, job = await self._run(model, tokenized, deadline, wait=False)
             vectors = normalize(np.stack(rows))  # type: ignore[arg-type]
             scores = vectors[1:] @ vectors[0]
