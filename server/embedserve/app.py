@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from embedserve.auth import ApiKeyInterceptor
 from embedserve.engine.engine import Engine
 from embedserve.services.embedding import EmbeddingService
 from embedserve.settings import Settings
@@ -22,8 +23,13 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
 
 def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Creates the server with the embedding service, health and reflection; binds the port."""
+    """Creates the server with the embedding service, health and reflection; binds the port.
+
+    With API keys configured, EmbeddingService RPCs need one; health and reflection stay open.
+    """
+    interceptors = [ApiKeyInterceptor(settings.api_keys, SERVICE_NAME)] if settings.api_keys else []
     server = grpc.aio.server(
+        interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrency,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -78,7 +84,12 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     except (NotImplementedError, RuntimeError):  # not the main thread (tests run servers in threads)
         pass
-    log.info("serving embedserve.v1.EmbeddingService on %s:%d (health, reflection on)", settings.host, port)
+    log.info(
+        "serving embedserve.v1.EmbeddingService on %s:%d (health, reflection on; %s)",
+        settings.host,
+        port,
+        f"API key required, {len(settings.api_keys)} configured" if settings.api_keys else "no API key required",
+    )
     if ready is not None:
         ready.set_result(port)
     await stop.wait()

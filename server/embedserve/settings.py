@@ -70,6 +70,9 @@ class Settings:
     # vectors of 4096 float32 values.
     max_message_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
+    # Keys clients send as `authorization: Bearer <key>` to call EmbeddingService; empty = no
+    # auth. Kept out of repr so that logging the settings never prints them.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def address(self) -> str:
@@ -142,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", help="seconds to drain on SIGTERM (env: GRACE_PERIOD)")
     p.add_argument("--max-message-bytes", help="largest gRPC message (env: MAX_MESSAGE_BYTES)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (env: LOG_LEVEL)")
+    p.add_argument(
+        "--api-keys",
+        help="';'-separated keys; when set, EmbeddingService RPCs need 'authorization: Bearer <key>' (env: API_KEYS)",
+    )
     return p
 
 
@@ -164,6 +171,7 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "grace_period": ("GRACE_PERIOD", "grace_period"),
     "max_message_bytes": ("MAX_MESSAGE_BYTES", "max_message_bytes"),
     "log_level": ("LOG_LEVEL", "log_level"),
+    "api_keys": ("API_KEYS", "api_keys"),
 }
 
 
@@ -255,6 +263,13 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
                 f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {raw['log_level']!r}"
             )
         values["log_level"] = level
+    if "api_keys" in raw:
+        values["api_keys"] = tuple(key.strip() for key in raw["api_keys"].split(";") if key.strip())
+        if raw["api_keys"].strip() and not values["api_keys"]:
+            # ";" alone would otherwise switch authentication off without a word.
+            raise ConfigError(
+                "API_KEYS lists no keys: give ';'-separated keys, or leave it unset to serve without keys"
+            )
     settings = Settings(**values)
     if settings.queue_size < settings.max_inputs_per_request:
         raise ConfigError(

@@ -218,3 +218,35 @@ def test_settings_are_frozen() -> None:
     settings = load_settings([], {})
     with pytest.raises(AttributeError):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_no_api_keys_by_default_means_no_authentication() -> None:
+    assert load_settings([], {}).api_keys == ()
+
+
+def test_api_keys_are_a_semicolon_separated_list_and_empty_keys_are_ignored() -> None:
+    settings = load_settings([], {"API_KEYS": " secret-1 ;; secret-2; "})
+    assert settings.api_keys == ("secret-1", "secret-2")
+
+
+def test_api_keys_come_from_the_flag_over_the_environment_over_the_config_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 'api_keys = ["file-1", "file-2"]\n')
+    assert load_settings(["--config", str(config)], {}).api_keys == ("file-1", "file-2")
+    assert load_settings(["--config", str(config)], {"API_KEYS": "env-1"}).api_keys == ("env-1",)
+    from_flag = load_settings(["--config", str(config), "--api-keys", "flag-1;flag-2"], {"API_KEYS": "env-1"})
+    assert from_flag.api_keys == ("flag-1", "flag-2")
+
+
+def test_an_empty_api_keys_list_in_the_config_file_means_no_authentication(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "api_keys = []\n")
+    assert load_settings(["--config", str(config)], {}).api_keys == ()
+
+
+def test_api_keys_of_only_separators_is_a_config_error_rather_than_silently_no_authentication() -> None:
+    with pytest.raises(ConfigError, match="API_KEYS lists no keys"):
+        load_settings([], {"API_KEYS": " ; ;"})
+
+
+def test_api_keys_never_appear_in_the_settings_repr() -> None:
+    settings = load_settings([], {"API_KEYS": "very-secret"})
+    assert "very-secret" not in repr(settings)
