@@ -10,7 +10,10 @@ PYTEST_ARGS ?=
 
 .PHONY: install proto lint test run bench clean lock
 
-install: $(STAMP) $(GENERATED) node_modules/.stamp
+CLIENT_GENERATED := clients/python/embedserve_client/_pb/embedserve/v1/embedding_service_pb2.py
+CLIENT_STAMP := $(VENV)/.client-installed-stamp
+
+install: $(STAMP) $(GENERATED) $(CLIENT_GENERATED) $(CLIENT_STAMP) node_modules/.stamp
 
 $(STAMP): pyproject.toml requirements.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +25,15 @@ $(STAMP): pyproject.toml requirements.lock
 proto $(GENERATED): $(PROTOS) tools/gen_proto.py $(STAMP)
 	$(BIN)/python tools/gen_proto.py
 
+# The client (clients/python) is its own distribution; its generated code lives under
+# embedserve_client/_pb so it never clashes with the server's `embedserve` package.
+$(CLIENT_GENERATED): $(PROTOS) tools/gen_proto.py clients/python/gen.py $(STAMP)
+	$(BIN)/python clients/python/gen.py
+
+$(CLIENT_STAMP): clients/python/pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e clients/python
+	touch $@
+
 node_modules/.stamp: package.json
 	# buf is pinned exactly in package.json (its platform binaries by buf itself); npm 11 writes
 	# lock files without the other platforms' optional packages, which then breaks `npm ci`.
@@ -31,8 +43,9 @@ node_modules/.stamp: package.json
 lint: install
 	npx --no-install buf lint
 	npx --no-install buf format --diff --exit-code
-	$(BIN)/ruff check server tests bench tools
+	$(BIN)/ruff check server tests bench tools clients
 	$(BIN)/mypy
+	cd clients/python && ../../$(BIN)/mypy
 
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -51,4 +64,4 @@ lock:
 	/tmp/embedserve-lock/bin/python -m pip freeze --exclude-editable > requirements.lock
 
 clean:
-	rm -rf $(VENV) node_modules server/embedserve/v1 .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules server/embedserve/v1 clients/python/embedserve_client/_pb .mypy_cache .ruff_cache .pytest_cache
