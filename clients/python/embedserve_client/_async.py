@@ -137,18 +137,17 @@ class AsyncClient:
         prompt_name: str,
         prompt: str | None,
     ) -> pb.EmbedRequest:
-        request = pb.EmbedRequest(
-            model=model, inputs=texts, prompt_name=prompt_name, encoding=pb.VECTOR_ENCODING_FLOAT32_LE
+        # None leaves an optional field unset: the server default applies.
+        return pb.EmbedRequest(
+            model=model,
+            inputs=texts,
+            dimensions=dimensions,
+            normalize=normalize,
+            truncate=truncate,
+            prompt_name=prompt_name,
+            prompt=prompt,
+            encoding=pb.VECTOR_ENCODING_FLOAT32_LE,
         )
-        if dimensions is not None:
-            request.dimensions = dimensions
-        if normalize is not None:
-            request.normalize = normalize
-        if truncate is not None:
-            request.truncate = truncate
-        if prompt is not None:
-            request.prompt = prompt
-        return request
 
     async def embed(
         self,
@@ -177,13 +176,14 @@ class AsyncClient:
         return_tokens: bool = False,
     ) -> list[SparseVector]:
         """Returns one SPLADE vector per text, in input order."""
-        request = pb.SparseEmbedRequest(model=model, inputs=list(texts), return_tokens=return_tokens)
-        if truncate is not None:
-            request.truncate = truncate
-        if top_k is not None:
-            request.top_k = top_k
-        if min_weight is not None:
-            request.min_weight = min_weight
+        request = pb.SparseEmbedRequest(
+            model=model,
+            inputs=list(texts),
+            truncate=truncate,
+            top_k=top_k,
+            min_weight=min_weight,
+            return_tokens=return_tokens,
+        )
         response: pb.SparseEmbedResponse = await self._unary(self._stub.SparseEmbed, request)
         return [
             SparseVector(
@@ -210,13 +210,11 @@ class AsyncClient:
             model=model,
             query=query,
             documents=list(documents),
+            top_n=top_n,
             return_documents=return_documents,
             raw_scores=raw_scores,
+            truncate=truncate,
         )
-        if top_n is not None:
-            request.top_n = top_n
-        if truncate is not None:
-            request.truncate = truncate
         response: pb.RerankResponse = await self._unary(self._stub.Rerank, request)
         return [RerankResult(r.index, r.relevance_score, r.document) for r in response.results]
 
