@@ -748,45 +748,25 @@ def report(
 # -- main ----------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def add_shared_args(p: argparse.ArgumentParser) -> None:
+    """Options every server-vs-in-process bench takes: batching, load shape, server and output."""
     defaults = Settings()
-    model_defaults = ModelSettings(DEFAULT_DENSE_MODEL)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--texts", type=int, default=3000, help="corpus size (default 3000)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 384 texts, fewer latency calls and wire repeats")
-    p.add_argument("--seed", type=int, default=0, help="corpus and wire-vector seed (default 0)")
+    batch = ModelSettings(DEFAULT_DENSE_MODEL).batch_size
     p.add_argument(
         "--batch-size",
         type=int,
-        default=model_defaults.batch_size,
-        help=f"forward-pass batch, in-process and --batch-sizes for the server (default {model_defaults.batch_size})",
+        default=batch,
+        help=f"forward-pass batch, in-process and --batch-sizes for the server (default {batch})",
     )
+    p.add_argument("--request-size", type=int, default=32, help="items per request (default 32)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     p.add_argument(
         "--baseline-window",
         type=int,
         default=0,
-        help="in-process: sort by length within windows of this many texts, e.g. clients x request size "
-        "to give it only what the server can see at once (default 0: sort the whole corpus)",
+        help="in-process: sort by length within windows of this many items, e.g. clients x request size "
+        "to give it only what the server can see at once (default 0: sort all)",
     )
-    p.add_argument(
-        "--presorted",
-        action="store_true",
-        help="also run (b) with the corpus sent shortest first, so batches barely pad: (b')/(a) is the "
-        "cost of the RPC path alone, (b)/(b') the cost of batching what arrives",
-    )
-    p.add_argument("--request-size", type=int, default=32, help="texts per Embed / EmbedStream request (default 32)")
-    p.add_argument("--clients", type=int, default=8, help="concurrent Embed clients (default 8)")
-    p.add_argument(
-        "--stream-in-flight",
-        type=int,
-        default=2 * defaults.stream_window,
-        help=f"unanswered EmbedStream requests (default {2 * defaults.stream_window}, twice the server's window)",
-    )
-    p.add_argument("--idle-calls", type=int, default=50, help="sequential calls for idle latency (default 50)")
-    p.add_argument("--wire-vectors", type=int, default=2048, help="vectors in the wire test (default 2048)")
-    p.add_argument("--wire-dimension", type=int, default=384, help="dimension in the wire test (default 384)")
-    p.add_argument("--wire-repeats", type=int, default=9, help="repeats per wire step, median taken (default 9)")
-    p.add_argument("--model", default=DEFAULT_DENSE_MODEL, help=f"model (default {DEFAULT_DENSE_MODEL})")
     p.add_argument(
         "--cache-dir",
         type=Path,
@@ -808,14 +788,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the server")
     p.add_argument("--json-out", type=Path, help="also write the JSON summary to this file")
+
+
+def check_positive(p: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """Exits with a usage error when any of the named options is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    defaults = Settings()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--texts", type=int, default=3000, help="corpus size (default 3000)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 384 texts, fewer latency calls and wire repeats")
+    p.add_argument("--seed", type=int, default=0, help="corpus and wire-vector seed (default 0)")
+    add_shared_args(p)
+    p.add_argument(
+        "--presorted",
+        action="store_true",
+        help="also run (b) with the corpus sent shortest first, so batches barely pad: (b')/(a) is the "
+        "cost of the RPC path alone, (b)/(b') the cost of batching what arrives",
+    )
+    p.add_argument(
+        "--stream-in-flight",
+        type=int,
+        default=2 * defaults.stream_window,
+        help=f"unanswered EmbedStream requests (default {2 * defaults.stream_window}, twice the server's window)",
+    )
+    p.add_argument("--idle-calls", type=int, default=50, help="sequential calls for idle latency (default 50)")
+    p.add_argument("--wire-vectors", type=int, default=2048, help="vectors in the wire test (default 2048)")
+    p.add_argument("--wire-dimension", type=int, default=384, help="dimension in the wire test (default 384)")
+    p.add_argument("--wire-repeats", type=int, default=9, help="repeats per wire step, median taken (default 9)")
+    p.add_argument("--model", default=DEFAULT_DENSE_MODEL, help=f"model (default {DEFAULT_DENSE_MODEL})")
     args = p.parse_args(argv)
     if args.quick:
         args.texts = min(args.texts, 384)
         args.idle_calls = min(args.idle_calls, 20)
         args.wire_repeats = min(args.wire_repeats, 3)
-    for name in ("texts", "batch_size", "request_size", "clients", "stream_in_flight", "idle_calls", "wire_repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_positive(
+        p, args, "texts", "batch_size", "request_size", "clients", "stream_in_flight", "idle_calls", "wire_repeats"
+    )
     return args
 
 

@@ -53,7 +53,9 @@ from embed_bench import (
     InProcessRun,
     ServerProcess,
     Throughput,
+    add_shared_args,
     channel,
+    check_positive,
     chunks,
     grpc_row,
     in_process_row,
@@ -71,7 +73,7 @@ from embedserve.backends.config import ModelConfig, load_model_config
 from embedserve.backends.onnx import OnnxBackend
 from embedserve.engine.tokenizer import TextTokenizer, Tokenized
 from embedserve.models import bundled_path, resolve_model_path
-from embedserve.settings import DEFAULT_DENSE_MODEL, DEFAULT_SPARSE_MODEL, ModelSettings, Settings
+from embedserve.settings import DEFAULT_DENSE_MODEL, DEFAULT_SPARSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -549,59 +551,15 @@ def report(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    defaults = Settings()
-    model_defaults = ModelSettings(DEFAULT_DENSE_MODEL)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--texts", type=int, default=1536, help="documents / texts in the corpus (default 1536)")
     p.add_argument("--quick", action="store_true", help="smoke run: 384 texts")
     p.add_argument("--seed", type=int, default=0, help="corpus seed; queries use seed + 1 (default 0)")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=model_defaults.batch_size,
-        help=f"forward-pass batch, in-process and --batch-sizes for the server (default {model_defaults.batch_size})",
-    )
-    p.add_argument(
-        "--request-size",
-        type=int,
-        default=32,
-        help="documents per Rerank request (with one query) and texts per SparseEmbed request (default 32)",
-    )
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
-    p.add_argument(
-        "--baseline-window",
-        type=int,
-        default=0,
-        help="in-process: sort by length within windows of this many items, e.g. clients x request size "
-        "to give it only what the server can see at once (default 0: sort all)",
-    )
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=defaults.cache_dir,
-        help=f"ONNX export cache (shared with the server) and the built cross-encoder (default {defaults.cache_dir})",
-    )
-    p.add_argument(
-        "--intra-op-threads",
-        type=int,
-        default=defaults.intra_op_threads,
-        help="threads per forward pass, in-process and server; 0 = cores (default 0)",
-    )
-    p.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra flag for the server, repeatable, e.g. --server-arg=--max-batch-tokens=32768",
-    )
-    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the server")
-    p.add_argument("--json-out", type=Path, help="also write the JSON summary to this file")
+    add_shared_args(p)  # --request-size: documents per Rerank request (one query) and texts per SparseEmbed
     args = p.parse_args(argv)
     if args.quick:
         args.texts = min(args.texts, 384)
-    for name in ("texts", "batch_size", "request_size", "clients"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_positive(p, args, "texts", "batch_size", "request_size", "clients")
     return args
 
 
