@@ -871,19 +871,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report(args, corpus, a1, a2, results, wire, diffs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    summary = run(args)
+def emit_summary(summary: dict[str, Any], json_out: Path | None, mismatch: str) -> int:
+    """Prints the JSON line (and writes it to json_out); returns 1 when the server's results
+    differ from the in-process ones beyond the tolerance, saying `mismatch`, else 0."""
     line = json.dumps(summary, sort_keys=True)
     print(line)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(line + "\n")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(line + "\n")
     worst = max(summary["max_abs_diff"].values())
     if worst >= VECTOR_TOLERANCE:
-        print(f"embed_bench: server vectors differ from in-process ones by up to {worst:.1e}", file=sys.stderr)
+        print(f"{mismatch} by up to {worst:.1e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return emit_summary(run(args), args.json_out, "embed_bench: server vectors differ from in-process ones")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import collections
 import gc
-import json
 import os
 import platform
 import shutil
@@ -57,6 +56,7 @@ from embed_bench import (
     channel,
     check_positive,
     chunks,
+    emit_summary,
     grpc_row,
     in_process_row,
     length_order,
@@ -601,17 +601,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    summary = run(args)
-    line = json.dumps(summary, sort_keys=True)
-    print(line)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(line + "\n")
-    worst = max(summary["max_abs_diff"].values())
-    if worst >= VECTOR_TOLERANCE:
-        print(f"rerank_sparse_bench: server results differ from in-process ones by up to {worst:.1e}", file=sys.stderr)
-        return 1
-    return 0
+    return emit_summary(run(args), args.json_out, "rerank_sparse_bench: server results differ from in-process ones")
 
 
 if __name__ == "__main__":
