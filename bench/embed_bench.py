@@ -50,7 +50,7 @@ from embedserve import convert
 from embedserve.backends.config import ModelConfig, load_model_config
 from embedserve.backends.onnx import OnnxBackend
 from embedserve.backends.pooling import normalize, pool
-from embedserve.engine.tokenizer import TextTokenizer
+from embedserve.engine.tokenizer import TextTokenizer, Tokenized
 from embedserve.engine.types import EmbedResult, Timing, Usage
 from embedserve.models import resolve_model_path
 from embedserve.settings import DEFAULT_DENSE_MODEL, ModelSettings, Settings
@@ -164,33 +164,54 @@ class InProcess:
         the time went."""
         cpu0, start = time.process_time(), time.perf_counter()
         tokenized = self.tokenizer.encode(list(texts))
-        tokenized_at = time.perf_counter()
-        order = length_order(tokenized.lengths, window)
-        out = np.empty((len(texts), self.config.hidden_size), dtype=np.float32)
-        forward_s = 0.0
-        padded = 0
-        for begin in range(0, len(order), batch_size):
-            rows = order[begin : begin + batch_size]
-            ids, mask, types = self.tokenizer.collate([tokenized.encodings[i] for i in rows])
-            padded += ids.size
-            t0 = time.perf_counter()
-            hidden = self.backend.forward(ids, mask, types)
-            forward_s += time.perf_counter() - t0
+
+        def finish(hidden: FloatArray, mask: npt.NDArray[np.int64]) -> Sequence[Any]:
             vectors = pool(hidden, mask, self.config.pooling)
-            if self.config.normalize:
-                vectors = normalize(vectors)
-            out[rows] = vectors
-        end = time.perf_counter()
-        run = InProcessRun(
-            seconds=end - start,
-            tokenize_s=tokenized_at - start,
-            forward_s=forward_s,
-            tokens=tokenized.tokens,
-            padded_tokens=padded,
-            cpu_s=time.process_time() - cpu0,
-            lengths=tokenized.lengths,
-        )
-        return out, run
+            return list(normalize(vectors) if self.config.normalize else vectors)
+
+        rows, run = run_batches(self.tokenizer, self.backend, tokenized, batch_size, window, finish, cpu0, start)
+        return np.stack(rows), run
+
+
+def run_batches(
+    tokenizer: TextTokenizer,
+    backend: OnnxBackend,
+    tokenized: Tokenized,
+    batch_size: int,
+    window: int,
+    finish: Callable[[FloatArray, npt.NDArray[np.int64]], Sequence[Any]],
+    cpu0: float,
+    start: float,
+) -> tuple[list[Any], InProcessRun]:
+    """Sorts tokenized items by length (within windows of `window`; 0 sorts all), runs them in
+    batches of `batch_size`, turns each forward output (with its attention mask) into one result
+    per item with `finish`. Returns the results in input order and where the time went, counted
+    from `start` / `cpu0` (taken before tokenizing)."""
+    tokenized_at = time.perf_counter()
+    order = length_order(tokenized.lengths, window)
+    results: list[Any] = [None] * len(order)
+    forward_s = 0.0
+    padded = 0
+    for begin in range(0, len(order), batch_size):
+        rows = order[begin : begin + batch_size]
+        ids, mask, types = tokenizer.collate([tokenized.encodings[i] for i in rows])
+        padded += ids.size
+        t0 = time.perf_counter()
+        output = backend.forward(ids, mask, types)
+        forward_s += time.perf_counter() - t0
+        for row, result in zip(rows, finish(output, mask), strict=True):
+            results[row] = result
+    end = time.perf_counter()
+    run = InProcessRun(
+        seconds=end - start,
+        tokenize_s=tokenized_at - start,
+        forward_s=forward_s,
+        tokens=tokenized.tokens,
+        padded_tokens=padded,
+        cpu_s=time.process_time() - cpu0,
+        lengths=tokenized.lengths,
+    )
+    return results, run
 
 
 def measure_in_process(args: argparse.Namespace, corpus: list[str]) -> tuple[FloatArray, InProcessRun]:

@@ -59,12 +59,12 @@ from embed_bench import (
     emit_summary,
     grpc_row,
     in_process_row,
-    length_order,
     make_corpus,
     max_abs_diff,
     mean_timing,
     padding_efficiency,
     percentile,
+    run_batches,
     step,
     table,
 )
@@ -198,31 +198,9 @@ class InProcessModel:
         time went."""
         cpu0, start = time.process_time(), time.perf_counter()
         tokenized = self.tokenize(workload)
-        tokenized_at = time.perf_counter()
-        order = length_order(tokenized.lengths, window)
-        results: list[Any] = [None] * len(order)
-        forward_s = 0.0
-        padded = 0
-        for begin in range(0, len(order), batch_size):
-            rows = order[begin : begin + batch_size]
-            ids, mask, types = self.tokenizer.collate([tokenized.encodings[i] for i in rows])
-            padded += ids.size
-            t0 = time.perf_counter()
-            output = self.backend.forward(ids, mask, types)
-            forward_s += time.perf_counter() - t0
-            for row, result in zip(rows, self.finish(output), strict=True):
-                results[row] = result
-        end = time.perf_counter()
-        run = InProcessRun(
-            seconds=end - start,
-            tokenize_s=tokenized_at - start,
-            forward_s=forward_s,
-            tokens=tokenized.tokens,
-            padded_tokens=padded,
-            cpu_s=time.process_time() - cpu0,
-            lengths=tokenized.lengths,
+        return run_batches(
+            self.tokenizer, self.backend, tokenized, batch_size, window, lambda out, _: self.finish(out), cpu0, start
         )
-        return results, run
 
 
 def sparse_terms(weights: FloatArray) -> Terms:
