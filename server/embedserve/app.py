@@ -13,21 +13,27 @@ from grpc_reflection.v1alpha import reflection
 from embedserve.auth import ApiKeyInterceptor
 from embedserve.engine.engine import Engine
 from embedserve.services.embedding import EmbeddingService
+from embedserve.services.openai import OpenAIService
 from embedserve.settings import Settings
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
+from embedserve.v1 import openai_service_pb2 as rest
+from embedserve.v1 import openai_service_pb2_grpc as rest_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+REST_SERVICE_NAME: str = rest.DESCRIPTOR.services_by_name["OpenAIService"].full_name
 
 
 def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Creates the server with the embedding service, health and reflection; binds the port.
+    """Creates the server with the embedding services (native and the REST one Envoy transcodes
+    onto), health and reflection; binds the port.
 
-    With API keys configured, EmbeddingService RPCs need one; health and reflection stay open.
+    With API keys configured, both embedding services need one; health and reflection stay open.
     """
-    interceptors = [ApiKeyInterceptor(settings.api_keys, SERVICE_NAME)] if settings.api_keys else []
+    services = (SERVICE_NAME, REST_SERVICE_NAME)
+    interceptors = [ApiKeyInterceptor(settings.api_keys, services)] if settings.api_keys else []
     server = grpc.aio.server(
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrency,
@@ -38,10 +44,11 @@ def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, i
         ],
     )
     pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingService(engine, settings.stream_window), server)
+    rest_grpc.add_OpenAIServiceServicer_to_server(OpenAIService(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(settings.address)
     if port == 0:
@@ -52,7 +59,7 @@ def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, i
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
     """Sets the overall and per-service health status."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, REST_SERVICE_NAME):
         await health_servicer.set(name, status)
 
 

@@ -19,18 +19,18 @@ from embedserve.errors import UnauthenticatedError, status_for
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-HOW_TO_SEND = "send gRPC metadata 'authorization: Bearer <key>'"
+HOW_TO_SEND = "send 'authorization: Bearer <key>' (gRPC metadata, or the HTTP Authorization header over REST)"
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls to the protected service whose metadata carries none of the configured keys."""
+    """Refuses calls to the protected services whose metadata carries none of the configured keys."""
 
-    def __init__(self, api_keys: Iterable[str], service: str) -> None:
+    def __init__(self, api_keys: Iterable[str], services: Iterable[str]) -> None:
         # Digests, so that the comparison takes the same time whatever the keys' lengths.
         self._digests = tuple(hashlib.sha256(key.encode()).digest() for key in api_keys if key)
         if not self._digests:
             raise ValueError("ApiKeyInterceptor needs at least one non-empty API key")
-        self._prefix = f"/{service}/"
+        self._prefixes = tuple(f"/{service}/" for service in services)
 
     async def intercept_service(
         self,
@@ -38,7 +38,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Req, Resp] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefix):
+        if handler is None or not handler_call_details.method.startswith(self._prefixes):
             return handler
         error = self.check(handler_call_details.invocation_metadata)
         if error is None:

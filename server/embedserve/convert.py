@@ -1,8 +1,17 @@
-"""Protobuf <-> domain conversion; the one place vectors are encoded for the wire."""
+"""Protobuf <-> domain conversion; the one place vectors are encoded for the wire.
+
+Native messages (embedding_service.proto) carry vectors as float32 bytes or packed floats;
+the OpenAI-shaped REST messages (openai_service.proto) as JSON numbers or base64 strings.
+"""
 
 from __future__ import annotations
 
+import base64
+
 import grpc
+import numpy as np
+import numpy.typing as npt
+from google.protobuf import struct_pb2
 
 from embedserve.engine.types import (
     EmbedParams,
@@ -16,7 +25,9 @@ from embedserve.engine.types import (
     Timing,
     Usage,
 )
+from embedserve.errors import InvalidInputError
 from embedserve.v1 import embedding_service_pb2 as pb
+from embedserve.v1 import openai_service_pb2 as rest
 
 _KINDS = {Kind.DENSE: pb.MODEL_KIND_DENSE, Kind.SPARSE: pb.MODEL_KIND_SPARSE, Kind.RERANK: pb.MODEL_KIND_RERANK}
 
@@ -134,3 +145,172 @@ def model_info(model: ModelDescription) -> pb.ModelInfo:
 def stream_error(request_id: str, code: grpc.StatusCode, message: str) -> pb.EmbedStreamResponse:
     """The in-band answer for one failed request on an EmbedStream."""
     return pb.EmbedStreamResponse(id=request_id, error=pb.Error(code=code.value[0], status=code.name, message=message))
+
+
+# --- OpenAI-shaped REST messages -------------------------------------------------------------
+
+ENCODING_FORMATS = ("float", "base64")
+_REST_CAPABILITIES = {"Embed": "embeddings", "SparseEmbed": "embed_sparse", "Rerank": "rerank"}
+# One ListValue entry on the wire: field 1 (values, length-delimited) holding a 9-byte Value
+# whose field 2 (number_value, fixed64) is the double. Building these bytes with numpy and
+# letting protobuf parse them is ~35x faster than appending 2,048 x 1,024 Values one by one.
+_LIST_ENTRY = np.dtype([("tag", "u1"), ("size", "u1"), ("number_tag", "u1"), ("number", "<f8")])
+
+
+_JSON_KINDS = {
+    "number_value": "a number",
+    "list_value": "an array",
+    "struct_value": "an object",
+    "bool_value": "a boolean",
+    "null_value": "null",
+}
+_TOKEN_IDS = " (token ids are not supported: send the text)"
+
+
+def texts(value: struct_pb2.Value, field: str = "input") -> list[str]:
+    """Reads OpenAI's `input`: a string or an array of strings."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return [value.string_value]
+    if kind == "list_value":
+        items = value.list_value.values
+        for i, item in enumerate(items):
+            item_kind = item.WhichOneof("kind")
+            if item_kind != "string_value":
+                hint = _TOKEN_IDS if item_kind in ("number_value", "list_value") else ""
+                raise InvalidInputError(
+                    f"{field}[{i}] is {_JSON_KINDS.get(item_kind or '', 'empty')}{hint}; "
+                    f"{field} must be a string or an array of strings"
+                )
+        return [item.string_value for item in items]
+    if kind is None:
+        raise InvalidInputError(f"{field} is required: a string or an array of strings")
+    raise InvalidInputError(f"{field} must be a string or an array of strings, not {_JSON_KINDS[kind]}")
+
+
+def encoding_format(request: rest.CreateEmbeddingsRequest) -> str:
+    """The requested encoding_format, checked before any work is done."""
+    name = request.encoding_format or "float"
+    if name not in ENCODING_FORMATS:
+        raise InvalidInputError(f"encoding_format must be 'float' or 'base64', got {request.encoding_format!r}")
+    return name
+
+
+def rest_embed_params(request: rest.CreateEmbeddingsRequest) -> EmbedParams:
+    """Reads an OpenAI embeddings request into domain parameters."""
+    return EmbedParams(
+        inputs=texts(request.input),
+        model=request.model,
+        dimensions=request.dimensions if request.HasField("dimensions") else None,
+        normalize=request.normalize if request.HasField("normalize") else None,
+        truncate=request.truncate if request.HasField("truncate") else True,
+        prompt_name=request.prompt_name,
+        prompt=request.prompt if request.HasField("prompt") else None,
+    )
+
+
+def _number_lists(vectors: npt.NDArray[np.float32]) -> list[struct_pb2.Value]:
+    rows, dim = vectors.shape
+    entries = np.empty((rows, dim), dtype=_LIST_ENTRY)
+    entries["tag"], entries["size"], entries["number_tag"] = 0x0A, 9, 0x11
+    entries["number"] = vectors
+    values = []
+    for row in entries:
+        value = struct_pb2.Value()
+        value.list_value.MergeFromString(row.tobytes())
+        values.append(value)
+    return values
+
+
+def rest_embeddings_response(result: EmbedResult, encoding: str) -> rest.CreateEmbeddingsResponse:
+    """Vectors as JSON numbers ("float") or base64 of little-endian float32 ("base64")."""
+    vectors = result.vectors.astype("<f4", copy=False)
+    if encoding == "base64":
+        values = [struct_pb2.Value(string_value=base64.b64encode(row.tobytes()).decode("ascii")) for row in vectors]
+    else:
+        values = _number_lists(vectors)
+    return rest.CreateEmbeddingsResponse(
+        object="list",
+        data=[rest.EmbeddingObject(object="embedding", embedding=v, index=i) for i, v in enumerate(values)],
+        model=result.model,
+        usage=usage(result.usage),
+        timing=timing(result.timing),
+    )
+
+
+def rest_sparse_params(request: rest.CreateSparseEmbeddingsRequest) -> SparseParams:
+    """Reads a REST sparse request into domain parameters."""
+    return SparseParams(
+        inputs=texts(request.input),
+        model=request.model,
+        truncate=request.truncate if request.HasField("truncate") else True,
+        top_k=request.top_k if request.HasField("top_k") else None,
+        min_weight=request.min_weight if request.HasField("min_weight") else None,
+        return_tokens=request.return_tokens,
+    )
+
+
+def rest_sparse_response(result: SparseResult) -> rest.CreateSparseEmbeddingsResponse:
+    """Sparse vectors as OpenAI-style list objects."""
+    return rest.CreateSparseEmbeddingsResponse(
+        object="list",
+        data=[
+            rest.SparseEmbeddingObject(
+                object="sparse_embedding",
+                index=i,
+                indices=v.indices.tolist(),
+                values=v.values.tolist(),
+                tokens=v.tokens,
+            )
+            for i, v in enumerate(result.vectors)
+        ],
+        model=result.model,
+        usage=usage(result.usage),
+        timing=timing(result.timing),
+    )
+
+
+def rest_rerank_params(request: rest.CreateRerankRequest) -> RerankParams:
+    """Reads a REST rerank request into domain parameters."""
+    return RerankParams(
+        query=request.query,
+        documents=list(request.documents),
+        model=request.model,
+        top_n=request.top_n if request.HasField("top_n") else None,
+        return_documents=request.return_documents,
+        raw_scores=request.raw_scores,
+        truncate=request.truncate if request.HasField("truncate") else True,
+    )
+
+
+def rest_rerank_response(result: RerankResult, return_documents: bool) -> rest.CreateRerankResponse:
+    """Ranked documents; `document` is present only when asked for."""
+    return rest.CreateRerankResponse(
+        object="rerank",
+        results=[
+            rest.RerankResultObject(
+                index=r.index, relevance_score=r.score, document=r.document if return_documents else None
+            )
+            for r in result.results
+        ],
+        model=result.model,
+        usage=usage(result.usage),
+        timing=timing(result.timing),
+    )
+
+
+def model_object(model: ModelDescription) -> rest.ModelObject:
+    """GET /v1/models entry for one model."""
+    return rest.ModelObject(
+        id=model.id,
+        object="model",
+        created=model.loaded_at,
+        owned_by="embedserve",
+        kind=model.kind.value,
+        capabilities=[_REST_CAPABILITIES[c] for c in model.capabilities if c in _REST_CAPABILITIES],
+        dimension=model.dimension,
+        max_input_tokens=model.max_input_tokens,
+        backend=model.backend,
+        execution_provider=model.provider,
+        dtype=model.dtype,
+    )

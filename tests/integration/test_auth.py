@@ -143,7 +143,7 @@ def test_the_startup_log_says_keys_are_required_and_never_shows_them(
 
 
 def test_the_interceptor_reads_bytes_metadata_and_the_last_authorization_value() -> None:
-    interceptor = ApiKeyInterceptor(["", "k"], SERVICE_NAME)
+    interceptor = ApiKeyInterceptor(["", "k"], [SERVICE_NAME])
     assert interceptor.check((("authorization", b"Bearer k"),)) is None
     assert interceptor.check((("authorization", "bearer  k "),)) is None
     assert interceptor.check((("authorization", "Bearer k"), ("authorization", "Bearer x"))) is not None
@@ -152,4 +152,4 @@ def test_the_interceptor_reads_bytes_metadata_and_the_last_authorization_value()
 
 def test_an_interceptor_without_keys_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="at least one"):
-        ApiKeyInterceptor(["", ""], SERVICE_NAME)
+        ApiKeyInterceptor(["", ""], [SERVICE_NAME])

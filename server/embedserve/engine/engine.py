@@ -54,6 +54,7 @@ class ServedModel:
     backend: Backend
     scheduler: Scheduler[Encoding, Output]
     batch_size: int
+    loaded_at: float  # Unix time the model finished loading
 
     @property
     def kind(self) -> Kind:
@@ -76,6 +77,7 @@ class ServedModel:
             max_batch_size=self.batch_size,
             prompts=dict(self.config.prompts),
             default_prompt_name=self.config.default_prompt_name or "",
+            loaded_at=int(self.loaded_at),
         )
 
 
@@ -388,4 +390,4 @@ def load_served_model(spec: ModelSettings, settings: Settings) -> ServedModel:
         spec.batch_size,
         time.monotonic() - started,
     )
-    return ServedModel(spec.name, config, tokenizer, backend, scheduler, spec.batch_size)
+    return ServedModel(spec.name, config, tokenizer, backend, scheduler, spec.batch_size, time.time())

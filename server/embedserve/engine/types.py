@@ -158,6 +158,7 @@ class ModelDescription:
     max_batch_size: int
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str = ""
+    loaded_at: int = 0  # Unix time, seconds
 
     @property
     def capabilities(self) -> tuple[str, ...]:

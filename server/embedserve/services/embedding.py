@@ -3,48 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 
 from embedserve import convert
 from embedserve.engine.engine import Engine
 from embedserve.errors import EmbedServeError, status_for
+from embedserve.services.rpc import deadline, unary
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[["EmbeddingService", Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
-
-
-def _deadline(context: grpc.aio.ServicerContext[Req, Resp]) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-def unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Turns domain errors into their status code; anything else is a bug: INTERNAL, logged."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: EmbeddingService, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
-        try:
-            return await handler(self, request, context)
-        except EmbedServeError as exc:
-            code, message = status_for(exc)
-        except Exception as exc:
-            log.exception("bug in %s", handler.__name__)
-            code, message = status_for(exc)
-        await context.abort(code, message)
-        raise AssertionError("unreachable: abort raises")
-
-    return wrapper
 
 
 class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
@@ -58,7 +29,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[pb.EmbedRequest, pb.EmbedResponse]
     ) -> pb.EmbedResponse:
-        result = await self._engine.embed(convert.embed_params(request), deadline=_deadline(context))
+        result = await self._engine.embed(convert.embed_params(request), deadline=deadline(context))
         return convert.embed_response(result, request.encoding)
 
     async def EmbedStream(
@@ -75,7 +46,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         async def answer(message: pb.EmbedStreamRequest) -> None:
             try:
                 result = await self._engine.embed(
-                    convert.embed_params(message.request), deadline=_deadline(context), wait=True
+                    convert.embed_params(message.request), deadline=deadline(context), wait=True
                 )
                 done.put_nowait(
                     pb.EmbedStreamResponse(
@@ -117,14 +88,14 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         request: pb.SparseEmbedRequest,
         context: grpc.aio.ServicerContext[pb.SparseEmbedRequest, pb.SparseEmbedResponse],
     ) -> pb.SparseEmbedResponse:
-        result = await self._engine.sparse_embed(convert.sparse_params(request), deadline=_deadline(context))
+        result = await self._engine.sparse_embed(convert.sparse_params(request), deadline=deadline(context))
         return convert.sparse_response(result)
 
     @unary
     async def Rerank(
         self, request: pb.RerankRequest, context: grpc.aio.ServicerContext[pb.RerankRequest, pb.RerankResponse]
     ) -> pb.RerankResponse:
-        result = await self._engine.rerank(convert.rerank_params(request), deadline=_deadline(context))
+        result = await self._engine.rerank(convert.rerank_params(request), deadline=deadline(context))
         return convert.rerank_response(result)
 
     @unary

