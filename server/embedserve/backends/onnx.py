@@ -9,6 +9,7 @@ graph (`splade.py`): outside it, the full masked-LM logits would have to leave t
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -37,11 +38,24 @@ _EXPORT_FORMAT = 3  # bump when the way we export or post-process changes
 _OUTPUTS = {"sparse": splade.OUTPUT, "rerank": "logits"}
 
 
+def cuda_device_count() -> int:
+    """CUDA devices the driver sees (0 without a driver): asked of libcuda directly, because
+    onnxruntime-gpu lists its CUDA provider on machines that have no GPU at all."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 def cuda_available() -> bool:
-    """True when onnxruntime can use a CUDA device here."""
+    """True when onnxruntime has its CUDA provider and a CUDA device is there to run it."""
     import onnxruntime as ort
 
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    return "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count() > 0
 
 
 def resolve_dtype(requested: str, on_cuda: bool) -> str:
@@ -177,22 +191,28 @@ class OnnxBackend(Backend):
     def __init__(self, config: ModelConfig, dtype: str, cache_dir: Path, intra_op_threads: int = 0) -> None:
         import onnxruntime as ort
 
-        on_cuda = cuda_available()
-        dtype = resolve_dtype(dtype, on_cuda)
-        if dtype == "fp16" and not on_cuda:
-            from embedserve.errors import ConfigError
-
-            raise ConfigError(
-                "dtype fp16 needs the CUDA execution provider (onnxruntime-gpu and a GPU); use fp32 or int8 on CPU"
-            )
-        model_file = export_model(config, dtype, cache_dir)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_cuda else ["CPUExecutionProvider"]
-        self._session = ort.InferenceSession(str(model_file), options, providers=providers)
+        # CUDA first when there is a device; ORT itself drops to CPU when the CUDA libraries it
+        # was built for are missing (it logs which), and then the CPU's dtype is the right one.
+        for on_cuda in (True, False) if cuda_available() else (False,):
+            resolved = resolve_dtype(dtype, on_cuda)
+            if resolved == "fp16" and not on_cuda:
+                from embedserve.errors import ConfigError
+
+                raise ConfigError(
+                    "dtype fp16 needs the CUDA execution provider (onnxruntime-gpu and a GPU); use fp32 or int8 on CPU"
+                )
+            model_file = export_model(config, resolved, cache_dir)
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_cuda else ["CPUExecutionProvider"]
+            self._session = ort.InferenceSession(str(model_file), options, providers=providers)
+            if self._session.get_providers()[0] == providers[0]:
+                break
+            log.warning("the CUDA execution provider did not start for %s (onnxruntime says why above)", config.path)
+        dtype = resolved
         self._inputs = {i.name for i in self._session.get_inputs()}
         outputs = [o.name for o in self._session.get_outputs()]
         self._output = _OUTPUTS.get(config.kind, outputs[0])
