@@ -228,6 +228,15 @@ def measure_in_process(args: argparse.Namespace, corpus: list[str]) -> tuple[Flo
 # -- the server process --------------------------------------------------------------------
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ServerProcess:
     """`python -m embedserve` on an ephemeral loopback port; its stderr is kept for errors."""
 
@@ -259,11 +268,7 @@ class ServerProcess:
 
     def cpu_s(self) -> float:
         """User + system CPU seconds the server has used so far (Linux /proc; NaN elsewhere)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_s(self.proc.pid)
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, then waits for the drain; returns the exit code."""
