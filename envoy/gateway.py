@@ -87,6 +87,7 @@ def start(config: Path, log_level: str = "warn") -> subprocess.Popen[str]:
         ],
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # Ctrl-C reaches only the launcher, which stops Envoy last
     )
     assert process.stderr is not None
     lines: list[str] = []
@@ -144,16 +145,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     with tempfile.TemporaryDirectory(prefix="embedserve-envoy-") as workdir:
         config = write_config(Path(workdir), options.listen, options.upstream)
-        server = subprocess.Popen([sys.executable, "-m", "embedserve", *server_args]) if options.with_server else None
+        server = (
+            subprocess.Popen([sys.executable, "-m", "embedserve", *server_args], start_new_session=True)
+            if options.with_server
+            else None
+        )
         gateway = start(config, options.log_level)
         print(f"envoy: REST and gRPC on {options.listen} -> embedserve at {options.upstream}", file=sys.stderr)
         for process in (server, gateway):  # whichever ends first (or a signal) ends both
             if process is not None:
                 threading.Thread(target=_set_when_done, args=(process, stopping), daemon=True).start()
         stopping.wait()
+        gateway_failed = gateway.poll() is not None
         if server is not None:
             _stop(server, grace_s=60)  # SIGTERM: the server drains in-flight requests first
         _stop(gateway, grace_s=10)
+        if gateway_failed:
+            print(f"envoy exited with {gateway.returncode}", file=sys.stderr)
+            return gateway.returncode or 1
         return server.returncode if server is not None else 0
 
 

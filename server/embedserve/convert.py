@@ -7,11 +7,13 @@ the OpenAI-shaped REST messages (openai_service.proto) as JSON numbers or base64
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 
 from embedserve.engine.types import (
     EmbedParams,
@@ -32,41 +34,62 @@ from embedserve.v1 import openai_service_pb2 as rest
 _KINDS = {Kind.DENSE: pb.MODEL_KIND_DENSE, Kind.SPARSE: pb.MODEL_KIND_SPARSE, Kind.RERANK: pb.MODEL_KIND_RERANK}
 
 
-def embed_params(request: pb.EmbedRequest) -> EmbedParams:
-    """Reads an EmbedRequest into domain parameters (validation happens in the engine)."""
+# The native and the REST requests name their options alike; only how texts arrive differs
+# (a repeated string natively, OpenAI's string-or-array `input` over REST).
+EmbedRequests = pb.EmbedRequest | rest.CreateEmbeddingsRequest
+SparseRequests = pb.SparseEmbedRequest | rest.CreateSparseEmbeddingsRequest
+RerankRequests = pb.RerankRequest | rest.CreateRerankRequest
+
+
+def _optional(request: Message, field: str) -> Any:
+    """The field's value when the caller set it, else None (proto3 `optional` fields)."""
+    return getattr(request, field) if request.HasField(field) else None
+
+
+def _inputs(request: EmbedRequests | SparseRequests) -> list[str]:
+    if isinstance(request, pb.EmbedRequest | pb.SparseEmbedRequest):
+        return list(request.inputs)
+    return texts(request.input)
+
+
+def embed_params(request: EmbedRequests) -> EmbedParams:
+    """Reads a dense request into domain parameters (validation happens in the engine)."""
+    truncate = _optional(request, "truncate")
     return EmbedParams(
-        inputs=list(request.inputs),
+        inputs=_inputs(request),
         model=request.model,
-        dimensions=request.dimensions if request.HasField("dimensions") else None,
-        normalize=request.normalize if request.HasField("normalize") else None,
-        truncate=request.truncate if request.HasField("truncate") else True,
+        dimensions=_optional(request, "dimensions"),
+        normalize=_optional(request, "normalize"),
+        truncate=True if truncate is None else truncate,
         prompt_name=request.prompt_name,
-        prompt=request.prompt if request.HasField("prompt") else None,
+        prompt=_optional(request, "prompt"),
     )
 
 
-def sparse_params(request: pb.SparseEmbedRequest) -> SparseParams:
-    """Reads a SparseEmbedRequest into domain parameters."""
+def sparse_params(request: SparseRequests) -> SparseParams:
+    """Reads a sparse request into domain parameters."""
+    truncate = _optional(request, "truncate")
     return SparseParams(
-        inputs=list(request.inputs),
+        inputs=_inputs(request),
         model=request.model,
-        truncate=request.truncate if request.HasField("truncate") else True,
-        top_k=request.top_k if request.HasField("top_k") else None,
-        min_weight=request.min_weight if request.HasField("min_weight") else None,
+        truncate=True if truncate is None else truncate,
+        top_k=_optional(request, "top_k"),
+        min_weight=_optional(request, "min_weight"),
         return_tokens=request.return_tokens,
     )
 
 
-def rerank_params(request: pb.RerankRequest) -> RerankParams:
-    """Reads a RerankRequest into domain parameters."""
+def rerank_params(request: RerankRequests) -> RerankParams:
+    """Reads a rerank request into domain parameters."""
+    truncate = _optional(request, "truncate")
     return RerankParams(
         query=request.query,
         documents=list(request.documents),
         model=request.model,
-        top_n=request.top_n if request.HasField("top_n") else None,
+        top_n=_optional(request, "top_n"),
         return_documents=request.return_documents,
         raw_scores=request.raw_scores,
-        truncate=request.truncate if request.HasField("truncate") else True,
+        truncate=True if truncate is None else truncate,
     )
 
 
@@ -196,19 +219,6 @@ def encoding_format(request: rest.CreateEmbeddingsRequest) -> str:
     return name
 
 
-def rest_embed_params(request: rest.CreateEmbeddingsRequest) -> EmbedParams:
-    """Reads an OpenAI embeddings request into domain parameters."""
-    return EmbedParams(
-        inputs=texts(request.input),
-        model=request.model,
-        dimensions=request.dimensions if request.HasField("dimensions") else None,
-        normalize=request.normalize if request.HasField("normalize") else None,
-        truncate=request.truncate if request.HasField("truncate") else True,
-        prompt_name=request.prompt_name,
-        prompt=request.prompt if request.HasField("prompt") else None,
-    )
-
-
 def _number_lists(vectors: npt.NDArray[np.float32]) -> list[struct_pb2.Value]:
     rows, dim = vectors.shape
     entries = np.empty((rows, dim), dtype=_LIST_ENTRY)
@@ -238,18 +248,6 @@ def rest_embeddings_response(result: EmbedResult, encoding: str) -> rest.CreateE
     )
 
 
-def rest_sparse_params(request: rest.CreateSparseEmbeddingsRequest) -> SparseParams:
-    """Reads a REST sparse request into domain parameters."""
-    return SparseParams(
-        inputs=texts(request.input),
-        model=request.model,
-        truncate=request.truncate if request.HasField("truncate") else True,
-        top_k=request.top_k if request.HasField("top_k") else None,
-        min_weight=request.min_weight if request.HasField("min_weight") else None,
-        return_tokens=request.return_tokens,
-    )
-
-
 def rest_sparse_response(result: SparseResult) -> rest.CreateSparseEmbeddingsResponse:
     """Sparse vectors as OpenAI-style list objects."""
     return rest.CreateSparseEmbeddingsResponse(
@@ -267,19 +265,6 @@ def rest_sparse_response(result: SparseResult) -> rest.CreateSparseEmbeddingsRes
         model=result.model,
         usage=usage(result.usage),
         timing=timing(result.timing),
-    )
-
-
-def rest_rerank_params(request: rest.CreateRerankRequest) -> RerankParams:
-    """Reads a REST rerank request into domain parameters."""
-    return RerankParams(
-        query=request.query,
-        documents=list(request.documents),
-        model=request.model,
-        top_n=request.top_n if request.HasField("top_n") else None,
-        return_documents=request.return_documents,
-        raw_scores=request.raw_scores,
-        truncate=request.truncate if request.HasField("truncate") else True,
     )
 
 

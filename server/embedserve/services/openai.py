@@ -24,7 +24,7 @@ class OpenAIService(rest_grpc.OpenAIServiceServicer):
         context: grpc.aio.ServicerContext[rest.CreateEmbeddingsRequest, rest.CreateEmbeddingsResponse],
     ) -> rest.CreateEmbeddingsResponse:
         encoding = convert.encoding_format(request)
-        result = await self._engine.embed(convert.rest_embed_params(request), deadline=deadline(context))
+        result = await self._engine.embed(convert.embed_params(request), deadline=deadline(context))
         return convert.rest_embeddings_response(result, encoding)
 
     @unary
@@ -33,7 +33,7 @@ class OpenAIService(rest_grpc.OpenAIServiceServicer):
         request: rest.CreateSparseEmbeddingsRequest,
         context: grpc.aio.ServicerContext[rest.CreateSparseEmbeddingsRequest, rest.CreateSparseEmbeddingsResponse],
     ) -> rest.CreateSparseEmbeddingsResponse:
-        result = await self._engine.sparse_embed(convert.rest_sparse_params(request), deadline=deadline(context))
+        result = await self._engine.sparse_embed(convert.sparse_params(request), deadline=deadline(context))
         return convert.rest_sparse_response(result)
 
     @unary
@@ -42,7 +42,7 @@ class OpenAIService(rest_grpc.OpenAIServiceServicer):
         request: rest.CreateRerankRequest,
         context: grpc.aio.ServicerContext[rest.CreateRerankRequest, rest.CreateRerankResponse],
     ) -> rest.CreateRerankResponse:
-        result = await self._engine.rerank(convert.rest_rerank_params(request), deadline=deadline(context))
+        result = await self._engine.rerank(convert.rerank_params(request), deadline=deadline(context))
         return convert.rest_rerank_response(result, request.return_documents)
 
     @unary
