@@ -92,7 +92,8 @@ async def serve(
     except (NotImplementedError, RuntimeError):  # not the main thread (tests run servers in threads)
         pass
     log.info(
-        "serving embedserve.v1.EmbeddingService on %s:%d (health, reflection on; %s)",
+        "serving embedserve.v1.EmbeddingService on %s:%d (and OpenAIService for REST through Envoy; health, "
+        "reflection on; %s)",
         settings.host,
         port,
         f"API key required, {len(settings.api_keys)} configured" if settings.api_keys else "no API key required",
