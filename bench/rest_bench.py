@@ -5,6 +5,8 @@ Phases, in this order:
 
   (a1) in-process ONNX Runtime, built from the server's own pieces (no server running)
        start the server (`python -m embedserve`) and Envoy (envoy/gateway.py's config)
+  (l)  idle latency of one short input, one call at a time: gRPC direct, gRPC via Envoy, REST
+       via Envoy (OpenAI SDK): what each path adds when the model is not the bottleneck
   (g)  Embed straight to the server: --clients concurrent clients, one connection each
   (e)  the same through Envoy's port (gRPC passthrough): what the proxy hop costs
   (r)  POST /v1/embeddings through Envoy with the official OpenAI SDK as users run it
@@ -44,6 +46,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embed_bench import (
+    LATENCY_INPUT,
     FloatArray,
     ServerProcess,
     add_shared_args,
@@ -54,6 +57,7 @@ from embed_bench import (
     make_corpus,
     max_abs_diff,
     measure_in_process,
+    percentile,
     process_cpu_s,
     step,
     table,
@@ -62,6 +66,7 @@ from embed_bench import (
 from embedserve_client import AsyncClient
 
 from embedserve.settings import DEFAULT_DENSE_MODEL
+from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +163,24 @@ async def bulk_pass(address: str, corpus: list[str], request_size: int, server: 
     return phase, np.stack(vectors)
 
 
+async def idle_latency(server_address: str, envoy_address: str, model: str, calls: int) -> dict[str, list[float]]:
+    """Milliseconds per call of Embed("hello world") on each path, one call at a time."""
+    latencies: dict[str, list[float]] = {"grpc": [], "grpc_envoy": [], "rest": []}
+    for name, address in (("grpc", server_address), ("grpc_envoy", envoy_address)):
+        async with channel(address) as chan:
+            stub = pb_grpc.EmbeddingServiceStub(chan)
+            for _ in range(calls):
+                start = time.perf_counter()
+                await stub.Embed(pb.EmbedRequest(inputs=[LATENCY_INPUT], model=model))
+                latencies[name].append((time.perf_counter() - start) * 1e3)
+    async with openai.AsyncOpenAI(base_url=f"http://{envoy_address}/v1", api_key="bench", max_retries=0) as sdk:
+        for _ in range(calls):
+            start = time.perf_counter()
+            await sdk.embeddings.create(model=model, input=LATENCY_INPUT)
+            latencies["rest"].append((time.perf_counter() - start) * 1e3)
+    return latencies
+
+
 def mean_phase(a: Phase, b: Phase) -> Phase:
     """Two passes as one: summed work over summed time."""
     return Phase(*(x + y for x, y in zip(asdict(a).values(), asdict(b).values(), strict=True)))
@@ -171,6 +194,8 @@ async def measure(args: argparse.Namespace, server: ServerProcess, envoy_address
     await grpc_pass(server.address, 1, warm, args.request_size, server, envoy_pid)
     await grpc_pass(envoy_address, 1, warm, args.request_size, server, envoy_pid)
     await rest_pass(base_url, args.model, 1, warm, args.request_size, server, envoy_pid)
+    latencies = await idle_latency(server.address, envoy_address, args.model, args.idle_calls)
+    step("idle latency p50 ms: " + ", ".join(f"{k} {percentile(v, 50):.1f}" for k, v in latencies.items()))
     passes: dict[str, list[Phase]] = {"grpc": [], "grpc_envoy": [], "rest": []}
     vectors: dict[str, FloatArray] = {}
     for round_ in (1, 2):
@@ -184,7 +209,7 @@ async def measure(args: argparse.Namespace, server: ServerProcess, envoy_address
             step(f"round {round_}: {name} {phase.texts_per_s:.1f} texts/s")
     bulk, vectors["bulk"] = await bulk_pass(server.address, corpus, args.request_size, server, envoy_pid)
     step(f"bulk helper {bulk.texts_per_s:.1f} texts/s")
-    return {"passes": passes, "bulk": bulk, "vectors": vectors}
+    return {"passes": passes, "bulk": bulk, "vectors": vectors, "latencies": latencies}
 
 
 def report(args: argparse.Namespace, corpus: list[str], ceiling: float, spread: float,
@@ -212,6 +237,11 @@ def report(args: argparse.Namespace, corpus: list[str], ceiling: float, spread: 
     print("ratio: (g)/(e)/(r) to (g); (k) to (a)")
     for line in table(rows, ("phase", "texts/s", "ratio", "bench cpu s", "server cpu s", "envoy cpu s")):
         print(line)
+    latencies: dict[str, list[float]] = measured["latencies"]
+    print(f"idle latency of Embed({LATENCY_INPUT!r}), {args.idle_calls} calls each:")
+    latency_rows = [(name, f"{percentile(v, 50):.1f}", f"{percentile(v, 99):.1f}") for name, v in latencies.items()]
+    for line in table(latency_rows, ("path", "p50 ms", "p99 ms")):
+        print(line)
     print(f"max |vector - in-process|: {', '.join(f'{k} {v:.1e}' for k, v in diffs.items())}")
     return {
         "texts": len(corpus),
@@ -224,6 +254,9 @@ def report(args: argparse.Namespace, corpus: list[str], ceiling: float, spread: 
         "grpc_envoy_over_grpc": phases["grpc_envoy"].texts_per_s / grpc_rate,
         "bulk_over_in_process": bulk_ratio,
         "passes": {name: [asdict(p) for p in runs] for name, runs in passes.items()},
+        "idle_latency_ms": {
+            name: {"p50": percentile(v, 50), "p99": percentile(v, 99)} for name, v in latencies.items()
+        },
         "max_abs_diff": diffs,
     }
 
@@ -234,11 +267,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 256 texts")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
     p.add_argument("--model", default=DEFAULT_DENSE_MODEL, help=f"model (default {DEFAULT_DENSE_MODEL})")
+    p.add_argument("--idle-calls", type=int, default=50, help="sequential calls per path for idle latency (default 50)")
     add_shared_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.texts = min(args.texts, 256)
-    check_positive(p, args, "texts", "batch_size", "request_size", "clients")
+        args.idle_calls = min(args.idle_calls, 10)
+    check_positive(p, args, "texts", "batch_size", "request_size", "clients", "idle_calls")
     return args
 
 

@@ -187,7 +187,12 @@ _JSON_KINDS = {
     "bool_value": "a boolean",
     "null_value": "null",
 }
-_TOKEN_IDS = " (token ids are not supported: send the text)"
+# LangChain's OpenAIEmbeddings sends tiktoken ids unless told otherwise; they mean nothing to
+# other tokenizers, so they are refused with the switch that makes it send text.
+_TOKEN_IDS = (
+    " (token ids are not supported: send the text; LangChain's OpenAIEmbeddings sends text with "
+    "check_embedding_ctx_length=False)"
+)
 
 
 def texts(value: struct_pb2.Value, field: str = "input") -> list[str]:
