@@ -64,6 +64,14 @@ function envoy_on_response(handle)
   if grpc_status ~= nil and grpc_status ~= 0 then
     status = GRPC_STATUS[grpc_status] or {"unknown", "server_error"}
     message = percent_decode(handle:headers():get("grpc-message") or "")
+    if grpc_status == 8 and message:find("larger than max", 1, true) then
+      -- gRPC's own limit on message size (the server's MAX_MESSAGE_BYTES), not an overload:
+      -- a 429 would tell clients to retry the same request.
+      status = HTTP_STATUS[413]
+      handle:headers():replace(":status", "413")
+      message = "the request is larger than the server accepts (its MAX_MESSAGE_BYTES): send fewer or "
+        .. "shorter inputs per request (" .. message .. ")"
+    end
   elseif http_status >= 400 then
     status = HTTP_STATUS[http_status] or {"unavailable", "server_error"}
     -- Reading the body waits for it; header objects taken before that are no longer valid.

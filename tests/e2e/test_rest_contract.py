@@ -97,6 +97,17 @@ def test_bad_embeddings_requests_get_openai_error_bodies(
     assert error["type"] in {"invalid_request_error", "not_found_error"}
 
 
+def test_a_request_over_the_servers_message_limit_is_413_not_429(http: httpx.Client) -> None:
+    """gRPC reports its message-size limit as RESOURCE_EXHAUSTED; over REST that must not read as
+    "overloaded, retry" (429)."""
+    body = json.dumps({"input": ["x" * 1000] * 70_000})  # ~70 MB, over the 64 MiB default
+    response = http.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_too_large")
+    assert "fewer or shorter inputs" in error["message"]
+
+
 def test_unknown_path_is_404_and_malformed_json_is_400_with_openai_error_bodies(http: httpx.Client) -> None:
     missing = http.post("/v1/chat/completions", json={})
     assert missing.status_code == 404
