@@ -20,9 +20,11 @@ from embedserve_client.errors import error_for, from_rpc_error, from_status_numb
 
 Vectors = npt.NDArray[np.float32]
 
-# Failures after which re-opening the stream can succeed: the server is restarting or busy,
-# or the connection broke.
-_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Failures of the stream itself after which re-opening it can succeed: the server is restarting
+# or busy, or the connection broke. grpc-core reports a connection cut mid-message as INTERNAL
+# ("Internal error from Core"); the server's own failures arrive in-band, per request, and are
+# never retried. Re-sending is safe: answers are matched by request id, and max_retries bounds it.
+_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL})
 _MAX_MESSAGE_BYTES = 64 << 20
 _KINDS = {pb.MODEL_KIND_DENSE: "dense", pb.MODEL_KIND_SPARSE: "sparse", pb.MODEL_KIND_RERANK: "rerank"}
 
@@ -258,8 +260,9 @@ class AsyncClient:
         """Yields one vector per text, in input order, streaming any iterable through EmbedStream.
 
         At most `window` requests of `batch_size` texts are unanswered at a time. A transient
-        failure (UNAVAILABLE, RESOURCE_EXHAUSTED, a broken stream) re-opens the stream and re-sends
-        only the unanswered batches, up to `max_retries` times in a row; no text is lost or repeated.
+        failure (UNAVAILABLE, RESOURCE_EXHAUSTED, a broken stream, even one grpc-core reports as
+        INTERNAL) re-opens the stream and re-sends only the unanswered batches, up to
+        `max_retries` times in a row; no text is lost or repeated.
         An in-band error for a batch raises its typed exception.
         """
         if batch_size < 1 or window < 1:
