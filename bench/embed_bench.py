@@ -37,10 +37,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -340,13 +340,29 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def embed_load(
-    stubs: Sequence[pb_grpc.EmbeddingServiceStub], requests: Sequence[pb.EmbedRequest]
-) -> tuple[list[FloatArray], list[pb.Timing], list[float]]:
+class TimedResponse(Protocol):
+    """A response that carries the server's timing (EmbedResponse, SparseEmbedResponse, RerankResponse)."""
+
+    @property
+    def timing(self) -> pb.Timing: ...
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp", bound=TimedResponse)
+Out = TypeVar("Out")
+
+
+async def rpc_load(
+    stubs: Sequence[pb_grpc.EmbeddingServiceStub],
+    requests: Sequence[Req],
+    call: Callable[[pb_grpc.EmbeddingServiceStub, Req], Awaitable[Resp]],
+    decode: Callable[[Resp], Out],
+) -> tuple[list[Out], list[pb.Timing], list[float]]:
     """Each stub is one client that takes the next request from a shared queue until none are
-    left. Returns the vectors per request, the server timings and client latencies."""
+    left, and decodes every response. Returns the decoded responses in request order, the
+    server timings and the client-seen latencies in ms."""
     queue = collections.deque(enumerate(requests))
-    results: list[FloatArray] = [np.empty(0, np.float32)] * len(requests)
+    results: list[Any] = [None] * len(requests)
     timings: list[pb.Timing] = []
     latencies: list[float] = []
 
@@ -354,13 +370,20 @@ async def embed_load(
         while queue:
             index, request = queue.popleft()
             sent = time.perf_counter()
-            response = await stub.Embed(request)
+            response = await call(stub, request)
             results[index] = decode(response)
             latencies.append((time.perf_counter() - sent) * 1e3)
             timings.append(response.timing)
 
     await asyncio.gather(*(client(stub) for stub in stubs))
     return results, timings, latencies
+
+
+async def embed_load(
+    stubs: Sequence[pb_grpc.EmbeddingServiceStub], requests: Sequence[pb.EmbedRequest]
+) -> tuple[list[FloatArray], list[pb.Timing], list[float]]:
+    """rpc_load for Embed, decoding every response into its (n, dimension) vectors."""
+    return await rpc_load(stubs, requests, lambda stub, request: stub.Embed(request), decode)
 
 
 async def stream_bulk(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import gc
 import os
 import platform
@@ -39,7 +38,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -50,6 +49,9 @@ from embed_bench import (
     VECTOR_TOLERANCE,
     CpuClock,
     InProcessRun,
+    Out,
+    Req,
+    Resp,
     ServerProcess,
     Throughput,
     add_shared_args,
@@ -64,6 +66,7 @@ from embed_bench import (
     mean_timing,
     padding_efficiency,
     percentile,
+    rpc_load,
     run_batches,
     step,
     table,
@@ -82,17 +85,6 @@ IndexArray = npt.NDArray[np.int32]
 # One sparse vector: vocabulary ids (ascending) of the positive terms, and their weights.
 Terms = tuple[IndexArray, FloatArray]
 
-
-class TimedResponse(Protocol):
-    """A response that carries the server's timing (SparseEmbedResponse, RerankResponse)."""
-
-    @property
-    def timing(self) -> pb.Timing: ...
-
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp", bound=TimedResponse)
-Out = TypeVar("Out")
 
 # Where the cross-encoder is built, under --cache-dir; bump the suffix when the recipe changes.
 CROSS_ENCODER_FOLDER = "bench-models/minilm-l6-cross-encoder-v1"
@@ -237,33 +229,6 @@ def measure_in_process(args: argparse.Namespace, workload: Workload) -> InProces
 
 
 # -- gRPC phases -------------------------------------------------------------------------------
-
-
-async def rpc_load(
-    stubs: Sequence[pb_grpc.EmbeddingServiceStub],
-    requests: Sequence[Req],
-    call: Callable[[pb_grpc.EmbeddingServiceStub, Req], Awaitable[Resp]],
-    decode: Callable[[Resp], Out],
-) -> tuple[list[Out], list[pb.Timing], list[float]]:
-    """Each stub is one client that takes the next request from a shared queue until none are
-    left, and decodes every response. Returns the decoded responses in request order, the
-    server timings and the client-seen latencies in ms."""
-    queue = collections.deque(enumerate(requests))
-    results: list[Any] = [None] * len(requests)
-    timings: list[pb.Timing] = []
-    latencies: list[float] = []
-
-    async def client(stub: pb_grpc.EmbeddingServiceStub) -> None:
-        while queue:
-            index, request = queue.popleft()
-            sent = time.perf_counter()
-            response = await call(stub, request)
-            results[index] = decode(response)
-            latencies.append((time.perf_counter() - sent) * 1e3)
-            timings.append(response.timing)
-
-    await asyncio.gather(*(client(stub) for stub in stubs))
-    return results, timings, latencies
 
 
 def decode_scores(response: pb.RerankResponse) -> FloatArray:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import importlib.util
 import os
 import platform
 import socket
@@ -45,6 +44,8 @@ import numpy as np
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "envoy"))  # gateway.py, as `make run` uses it
+import gateway
 from embed_bench import (
     LATENCY_INPUT,
     FloatArray,
@@ -53,6 +54,7 @@ from embed_bench import (
     channel,
     check_positive,
     chunks,
+    embed_load,
     emit_summary,
     make_corpus,
     max_abs_diff,
@@ -61,7 +63,6 @@ from embed_bench import (
     process_cpu_s,
     step,
     table,
-    timed_embed_load,
 )
 from embedserve_client import AsyncClient
 
@@ -105,15 +106,6 @@ class Clock:
         return Phase(wall, texts, bench, server, envoy)
 
 
-def load_gateway() -> Any:
-    """envoy/gateway.py by path (a folder named `envoy` cannot be imported beside the wheel's)."""
-    spec = importlib.util.spec_from_file_location("embedserve_gateway", ROOT / "envoy" / "gateway.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -124,12 +116,13 @@ async def grpc_pass(address: str, clients: int, corpus: list[str], request_size:
                     envoy_pid: int) -> tuple[Phase, FloatArray]:  # fmt: skip
     channels = [channel(address) for _ in range(clients)]
     stubs = [pb_grpc.EmbeddingServiceStub(c) for c in channels]
+    requests = [pb.EmbedRequest(inputs=texts) for texts in chunks(corpus, request_size)]
     clock = Clock(server.proc.pid, envoy_pid)
-    _, vectors = await timed_embed_load(server, stubs, corpus, request_size)
+    results, _, _ = await embed_load(stubs, requests)
     phase = clock.phase(len(corpus))
     for c in channels:
         await c.close()
-    return phase, vectors
+    return phase, np.concatenate(results)
 
 
 async def rest_pass(base_url: str, model: str, clients: int, corpus: list[str], request_size: int,
@@ -281,7 +274,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     corpus = make_corpus(args.texts, args.seed)
     step(f"(a1) in-process baseline on {len(corpus)} texts")
     expected, a1 = measure_in_process(args, corpus)
-    gateway = load_gateway()
     server = ServerProcess(args)
     workdir = tempfile.TemporaryDirectory(prefix="embedserve-bench-envoy-")
     envoy = None

@@ -31,6 +31,9 @@ from typing import IO
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tools"))  # tools/ is not a package
+import gen_proto  # noqa: E402
+
 TEMPLATE = HERE / "envoy.yaml"
 LUA = HERE / "openai_errors.lua"
 READY_LINE = "starting main dispatch loop"
@@ -49,9 +52,6 @@ def write_config(workdir: Path, listen: str, upstream: str) -> Path:
     """Writes a self-contained config folder for these addresses (the upstream host may be a
     name, such as a compose service): envoy.yaml, the descriptor set built from proto/ and the
     Lua filter, referenced by their paths inside `workdir`."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import gen_proto  # tools/ is not a package
-
     descriptor = gen_proto.descriptor_set(workdir / "embedserve.pb")
     listen_host, listen_port = _split(listen)
     upstream_host, upstream_port = _split(upstream)

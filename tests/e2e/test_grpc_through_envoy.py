@@ -12,7 +12,7 @@ from embedserve_client import Client
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, grpc_vectors
 from tests.integration.test_lifecycle import GRPCURL
 
 
@@ -69,5 +69,4 @@ def test_python_client_bulk_helper_through_envoy_keeps_order(gateway: Gateway, s
     with Client(gateway.address) as client:
         vectors = np.stack(list(client.bulk_embed(texts, batch_size=64)))
     assert vectors.shape == (600, 384)
-    direct = server.stub().Embed(pb.EmbedRequest(inputs=[texts[0], texts[599]]))
-    np.testing.assert_array_equal(vectors[[0, 599]], [np.frombuffer(e.float32_le, "<f4") for e in direct.embeddings])
+    np.testing.assert_array_equal(vectors[[0, 599]], grpc_vectors(server, [texts[0], texts[599]]))

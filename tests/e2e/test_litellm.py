@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from embedserve.settings import DEFAULT_DENSE_MODEL
-from embedserve.v1 import embedding_service_pb2 as pb
 from tests.conftest import RunningServer
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, grpc_vectors
 
 
 @pytest.mark.parametrize("suffix", ["", "/v1"])
@@ -36,7 +35,5 @@ def test_litellm_embedding_equals_grpc_vectors(gateway: Gateway, server: Running
         model=f"infinity/{DEFAULT_DENSE_MODEL}", input=texts, api_base=gateway.base_url + suffix
     )
     got = np.array([d["embedding"] for d in response.data], dtype=np.float32)
-    native = server.stub().Embed(pb.EmbedRequest(inputs=texts))
-    expected = np.stack([np.frombuffer(e.float32_le, "<f4") for e in native.embeddings])
-    np.testing.assert_allclose(got, expected, atol=1e-7)
+    np.testing.assert_allclose(got, grpc_vectors(server, texts), atol=1e-7)
     assert response.usage.prompt_tokens > 0

@@ -9,9 +9,8 @@ import openai
 import pytest
 
 from embedserve.settings import DEFAULT_DENSE_MODEL
-from embedserve.v1 import embedding_service_pb2 as pb
 from tests.conftest import RunningServer
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, grpc_vectors
 
 TEXTS = ["The quick brown fox.", "Une phrase en français.", "数据库索引", "short"]
 
@@ -19,11 +18,6 @@ TEXTS = ["The quick brown fox.", "Une phrase en français.", "数据库索引", 
 @pytest.fixture(scope="module")
 def client(gateway: Gateway) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0)
-
-
-def grpc_vectors(server: RunningServer, texts: list[str], **fields: object) -> np.ndarray:
-    response = server.stub().Embed(pb.EmbedRequest(inputs=texts, **fields))  # type: ignore[arg-type]
-    return np.stack([np.frombuffer(e.float32_le, "<f4") for e in response.embeddings])
 
 
 def test_default_base64_batch_equals_grpc_vectors(client: openai.OpenAI, server: RunningServer) -> None:

