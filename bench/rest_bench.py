@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     envoy = None
     try:
         envoy_address = f"127.0.0.1:{free_port()}"
-        envoy = gateway.start(gateway.write_config(Path(workdir.name), envoy_address, server.address))
+        envoy = gateway.start(gateway.write_config(Path(workdir.name), envoy_address, server.address), envoy_address)
         step(f"server on {server.address}, Envoy on {envoy_address}")
         measured = asyncio.run(measure(args, server, envoy_address, envoy.pid, corpus))
     finally:

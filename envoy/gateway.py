@@ -20,11 +20,13 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import string
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -36,7 +38,9 @@ import gen_proto  # noqa: E402
 
 TEMPLATE = HERE / "envoy.yaml"
 LUA = HERE / "openai_errors.lua"
-READY_LINE = "starting main dispatch loop"
+# Logged once every cluster has had its first health check, just before Envoy listens on its
+# sockets and starts its workers ("starting main dispatch loop" comes earlier than both).
+READY_LINE = "all dependencies initialized. starting workers"
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # the server's default max message size
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
@@ -70,8 +74,8 @@ def write_config(workdir: Path, listen: str, upstream: str) -> Path:
     return path
 
 
-def start(config: Path, log_level: str = "warn") -> subprocess.Popen[str]:
-    """Starts Envoy and returns once its listener is up (Envoy says so on stderr)."""
+def start(config: Path, listen: str, log_level: str = "warn") -> subprocess.Popen[str]:
+    """Starts Envoy with `config` and returns once it accepts connections on `listen`."""
     import envoy as envoy_wheel  # here, so that write_config works without the wheel (Dockerfile)
 
     process = subprocess.Popen(
@@ -82,7 +86,7 @@ def start(config: Path, log_level: str = "warn") -> subprocess.Popen[str]:
             "--log-level",
             log_level,
             "--component-log-level",
-            "main:info",
+            "config:info",
             "--disable-hot-restart",  # several Envoys (tests, benches) may run side by side
         ],
         stderr=subprocess.PIPE,
@@ -99,10 +103,27 @@ def start(config: Path, log_level: str = "warn") -> subprocess.Popen[str]:
     else:
         process.wait()
         raise RuntimeError(f"envoy exited with {process.returncode}:\n{''.join(lines)}")
-    # Keep relaying Envoy's warnings and errors (main:info is only for the line above) so its
+    # Keep relaying Envoy's warnings and errors (config:info is only for the line above) so its
     # pipe never fills up.
     threading.Thread(target=_relay, args=(process.stderr,), daemon=True).start()
+    _await_listener(listen, process)
     return process
+
+
+def _await_listener(listen: str, process: subprocess.Popen[str], timeout_s: float = 10.0) -> None:
+    # Envoy calls listen() on its sockets right after READY_LINE and says nothing when it has
+    # done so; connecting is the only way to know (a few milliseconds at most).
+    host, port = _split(listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            return
+        except ConnectionRefusedError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"envoy did not start listening on {listen}") from None
+            time.sleep(0.005)
 
 
 def _relay(stream: IO[str]) -> None:
@@ -150,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if options.with_server
             else None
         )
-        gateway = start(config, options.log_level)
+        gateway = start(config, options.listen, options.log_level)
         print(f"envoy: REST and gRPC on {options.listen} -> embedserve at {options.upstream}", file=sys.stderr)
         for process in (server, gateway):  # whichever ends first (or a signal) ends both
             if process is not None:

@@ -52,7 +52,7 @@ class Gateway:
         self.address = f"127.0.0.1:{self.port}"
         self.base_url = f"http://{self.address}"
         config = envoy_gateway.write_config(Path(self._workdir.name), self.address, upstream)
-        self.process: subprocess.Popen[str] = envoy_gateway.start(config)
+        self.process: subprocess.Popen[str] = envoy_gateway.start(config, self.address)
 
     def stop(self) -> None:
         """Stops Envoy and removes its config."""
