@@ -11,11 +11,10 @@ PYTEST_ARGS ?=
 .PHONY: install proto lint test run bench clean lock
 
 CLIENT_GENERATED := clients/python/embedserve_client/_pb/embedserve/v1/embedding_service_pb2.py
-CLIENT_STAMP := $(VENV)/.client-installed-stamp
 
 GOOGLEAPIS := build/googleapis/google/api/http.proto
 
-install: $(STAMP) $(GENERATED) $(GOOGLEAPIS) $(CLIENT_GENERATED) $(CLIENT_STAMP) node_modules/.stamp
+install: $(STAMP) $(GENERATED) $(GOOGLEAPIS) $(CLIENT_GENERATED) node_modules/.stamp
 
 $(STAMP): pyproject.toml requirements.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -33,13 +32,12 @@ $(GOOGLEAPIS): tools/gen_proto.py $(STAMP)
 	$(BIN)/python tools/gen_proto.py --googleapis build/googleapis
 
 # The client (clients/python) is its own distribution; its generated code lives under
-# embedserve_client/_pb so it never clashes with the server's `embedserve` package.
-$(CLIENT_GENERATED): $(PROTOS) tools/gen_proto.py clients/python/gen.py $(STAMP)
-	$(BIN)/python clients/python/gen.py
-
-$(CLIENT_STAMP): clients/python/pyproject.toml $(STAMP)
+# embedserve_client/_pb so it never clashes with the server's `embedserve` package. Installing
+# it runs its setup.py, which generates that code from proto/ (with tools/gen_proto.py); an
+# editable install writes it in place, where the tests import it and mypy checks against it.
+# The generators are the venv's, at requirements.lock's versions.
+$(CLIENT_GENERATED): $(PROTOS) tools/gen_proto.py clients/python/setup.py clients/python/pyproject.toml $(STAMP)
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e clients/python
-	touch $@
 
 node_modules/.stamp: package.json
 	# buf is pinned exactly in package.json (its platform binaries by buf itself); npm 11 writes
@@ -75,4 +73,5 @@ lock:
 	/tmp/embedserve-lock/bin/python -m pip freeze --exclude-editable > requirements.lock
 
 clean:
-	rm -rf $(VENV) node_modules server/embedserve/v1 clients/python/embedserve_client/_pb .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules server/embedserve/v1 .mypy_cache .ruff_cache .pytest_cache
+	rm -rf clients/python/embedserve_client/_pb clients/python/build clients/python/dist clients/python/*.egg-info

@@ -9,6 +9,7 @@ Usage:
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.resources
 import importlib.util
 import shutil
@@ -19,7 +20,6 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-BIN = Path(sys.executable).parent  # mypy-protobuf's plugins sit beside the interpreter
 
 
 GOOGLE_API_PROTOS = ("annotations.proto", "http.proto")
@@ -46,6 +46,23 @@ def protos(names: list[str] | None = None) -> list[str]:
     return [p for p in found if names is None or Path(p).name in names]
 
 
+def _plugin(name: str) -> str:
+    """The path of mypy-protobuf's protoc plugin `name` (protoc-gen-mypy, protoc-gen-mypy_grpc):
+    the script installed with the mypy-protobuf that this interpreter imports. In an isolated
+    build (pip's, of clients/python) that is the build environment's, not one beside
+    sys.executable."""
+    try:
+        files = importlib.metadata.files("mypy-protobuf") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    scripts = [str(Path(f.locate()).resolve()) for f in files if f.stem == name]
+    # A distribution without a RECORD (a distro's package) lists no files: then PATH decides.
+    found = scripts[0] if scripts else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found: mypy-protobuf is not installed (run `make install`)")
+    return found
+
+
 def _protoc(args: list[str], files: list[str]) -> None:
     if protoc.main(["protoc", *include_dirs(), *args, *files]) != 0:
         raise SystemExit(f"protoc failed for {files}")
@@ -56,8 +73,8 @@ def generate(out_dir: Path, names: list[str] | None = None) -> None:
     files = protos(names)
     _protoc(
         [
-            f"--plugin=protoc-gen-mypy={BIN / 'protoc-gen-mypy'}",
-            f"--plugin=protoc-gen-mypy_grpc={BIN / 'protoc-gen-mypy_grpc'}",
+            f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
+            f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
             f"--python_out={out_dir}",
             f"--grpc_python_out={out_dir}",
             f"--mypy_out={out_dir}",
