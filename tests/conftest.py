@@ -70,7 +70,7 @@ class RunningServer:
 
 def make_settings(**overrides: object) -> Settings:
     """Test settings: loopback, ephemeral port, the shared export cache."""
-    values: dict[str, object] = {"host": "127.0.0.1", "port": 0, "cache_dir": CACHE_DIR, "grace_period_s": 5.0}
+    values: dict[str, object] = {"host": "127.0.0.1", "port": 0, "cache_dir": CACHE_DIR, "grace_period": 5.0}
     values.update(overrides)
     return dataclasses.replace(Settings(), **values)  # type: ignore[arg-type]
 

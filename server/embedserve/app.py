@@ -43,7 +43,7 @@ def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, i
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingService(engine, settings.stream_window), server)
+    pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingService(engine), server)
     rest_grpc.add_OpenAIServiceServicer_to_server(OpenAIService(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -101,8 +101,8 @@ async def serve(
     if ready is not None:
         ready.set_result(port)
     await stop.wait()
-    log.info("shutting down: NOT_SERVING, draining in-flight RPCs for up to %.0f s", settings.grace_period_s)
+    log.info("shutting down: NOT_SERVING, draining in-flight RPCs for up to %.0f s", settings.grace_period)
     await set_serving(health_servicer, False)
-    await server.stop(settings.grace_period_s)
+    await server.stop(settings.grace_period)
     await engine.close()
     log.info("stopped")

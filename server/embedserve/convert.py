@@ -18,7 +18,6 @@ from google.protobuf.message import Message
 from embedserve.engine.types import (
     EmbedParams,
     EmbedResult,
-    Kind,
     ModelDescription,
     RerankParams,
     RerankResult,
@@ -28,10 +27,38 @@ from embedserve.engine.types import (
     Usage,
 )
 from embedserve.errors import InvalidInputError
+from embedserve.kinds import Capability, ModelKind
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import openai_service_pb2 as rest
 
-_KINDS = {Kind.DENSE: pb.MODEL_KIND_DENSE, Kind.SPARSE: pb.MODEL_KIND_SPARSE, Kind.RERANK: pb.MODEL_KIND_RERANK}
+_KINDS = {
+    ModelKind.DENSE: pb.MODEL_KIND_DENSE,
+    ModelKind.SPARSE: pb.MODEL_KIND_SPARSE,
+    ModelKind.RERANK: pb.MODEL_KIND_RERANK,
+}
+
+# The engine's capabilities in each service's words: the RPCs of EmbeddingService and the REST
+# routes of OpenAIService that use them (ListModels capabilities, error messages).
+_RPCS = {
+    Capability.EMBED: ("Embed", "EmbedStream"),
+    Capability.SPARSE_EMBED: ("SparseEmbed",),
+    Capability.RERANK: ("Rerank",),
+}
+_ROUTES = {
+    Capability.EMBED: ("embeddings",),
+    Capability.SPARSE_EMBED: ("embed_sparse",),
+    Capability.RERANK: ("rerank",),
+}
+
+
+def rpc_words(capability: Capability) -> tuple[str, ...]:
+    """The EmbeddingService RPCs that use a capability."""
+    return _RPCS[capability]
+
+
+def route_words(capability: Capability) -> tuple[str, ...]:
+    """The REST routes that use a capability."""
+    return _ROUTES[capability]
 
 
 # The native and the REST requests name their options alike; only how texts arrive differs
@@ -151,7 +178,7 @@ def model_info(model: ModelDescription) -> pb.ModelInfo:
     return pb.ModelInfo(
         id=model.id,
         kind=_KINDS[model.kind],
-        capabilities=list(model.capabilities),
+        capabilities=[rpc for c in model.capabilities for rpc in rpc_words(c)],
         dimension=model.dimension,
         vocab_size=model.vocab_size,
         max_input_tokens=model.max_input_tokens,
@@ -173,7 +200,6 @@ def stream_error(request_id: str, code: grpc.StatusCode, message: str) -> pb.Emb
 # --- OpenAI-shaped REST messages -------------------------------------------------------------
 
 ENCODING_FORMATS = ("float", "base64")
-_REST_CAPABILITIES = {"Embed": "embeddings", "SparseEmbed": "embed_sparse", "Rerank": "rerank"}
 # One ListValue entry on the wire: field 1 (values, length-delimited) holding a 9-byte Value
 # whose field 2 (number_value, fixed64) is the double. Building these bytes with numpy and
 # letting protobuf parse them is ~35x faster than appending 2,048 x 1,024 Values one by one.
@@ -297,7 +323,7 @@ def model_object(model: ModelDescription) -> rest.ModelObject:
         created=model.loaded_at,
         owned_by="embedserve",
         kind=model.kind.value,
-        capabilities=[_REST_CAPABILITIES[c] for c in model.capabilities if c in _REST_CAPABILITIES],
+        capabilities=[route for c in model.capabilities for route in route_words(c)],
         dimension=model.dimension,
         max_input_tokens=model.max_input_tokens,
         backend=model.backend,

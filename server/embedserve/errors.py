@@ -6,11 +6,35 @@ change. Anything else that escapes is a bug and becomes INTERNAL.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
+
+from embedserve.kinds import Capability
+
+# How a transport names a capability: the RPCs (or routes) that use it, most direct first.
+Words = Callable[[Capability], tuple[str, ...]]
+
+
+def own_words(capability: Capability) -> tuple[str, ...]:
+    """A capability in the engine's words."""
+    return (capability.value,)
 
 
 class EmbedServeError(Exception):
-    """Base of every error whose message is meant for the caller."""
+    """Base of every error whose message is meant for the caller.
+
+    A message that names capabilities is given as a function of `Words`, so that each transport
+    renders it in its own vocabulary (`render`); str() renders it in the engine's words.
+    """
+
+    def __init__(self, message: str | Callable[[Words], str]) -> None:
+        self._say = message if callable(message) else None
+        super().__init__(message(own_words) if callable(message) else message)
+
+    def render(self, words: Words) -> str:
+        """The message, capabilities named in `words`."""
+        return str(self) if self._say is None else self._say(words)
 
 
 class InvalidInputError(EmbedServeError):
@@ -45,8 +69,9 @@ class EngineFailedError(EmbedServeError):
     """The model worker crashed; a bug or a broken device, never the caller's fault."""
 
 
-class ConfigError(EmbedServeError):
-    """Startup configuration that cannot work; the message says what to change."""
+class ConfigError(Exception):
+    """Startup configuration that cannot work; the message says what to change. Raised before
+    the server serves, so it never reaches a caller and has no status code."""
 
 
 STATUS_CODES: dict[type[EmbedServeError], grpc.StatusCode] = {
@@ -58,14 +83,13 @@ STATUS_CODES: dict[type[EmbedServeError], grpc.StatusCode] = {
     CancelledRequestError: grpc.StatusCode.CANCELLED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     EngineFailedError: grpc.StatusCode.INTERNAL,
-    ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
-def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Returns the gRPC status code and message for an exception."""
+def status_for(error: BaseException, words: Words = own_words) -> tuple[grpc.StatusCode, str]:
+    """Returns the gRPC status code and message for an exception, capabilities in `words`."""
     for cls in type(error).__mro__:
         code = STATUS_CODES.get(cls)
-        if code is not None:
-            return code, str(error)
+        if code is not None and isinstance(error, EmbedServeError):
+            return code, error.render(words)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}): {error}"

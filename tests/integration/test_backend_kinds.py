@@ -16,6 +16,7 @@ from embedserve.backends.base import Backend, FloatArray, IntArray
 from embedserve.backends.config import ModelConfig, load_model_config
 from embedserve.backends.onnx import OnnxBackend, export_model
 from embedserve.backends.torch import TorchBackend
+from embedserve.engine.kinds import KINDS, SPARSE
 from embedserve.engine.tokenizer import TextTokenizer
 from tests.conftest import CACHE_DIR
 from tests.tiny_models import build_tiny_cross_encoder, build_tiny_masked_lm
@@ -50,7 +51,8 @@ class Loaded:
 def load(path: Path, kind: str) -> Loaded:
     config = load_model_config(path)
     assert config.kind == kind
-    return Loaded(config, OnnxBackend(config, "fp32", CACHE_DIR), TorchBackend(config, "fp32"))
+    graph = KINDS[config.kind].graph
+    return Loaded(config, OnnxBackend(config, graph, "fp32", CACHE_DIR), TorchBackend(config, graph, "fp32"))
 
 
 def text_inputs(path: Path, texts: list[str]) -> Inputs:
@@ -133,7 +135,9 @@ def test_padding_does_not_change_a_sparse_row(tiny_sparse: Loaded, name: str) ->
 
 
 def test_sparse_export_outputs_weights_per_term_not_logits_per_token(tiny_sparse: Loaded) -> None:
-    graph = onnx.load(str(export_model(tiny_sparse.config, "fp32", CACHE_DIR)), load_external_data=False).graph
+    graph = onnx.load(
+        str(export_model(tiny_sparse.config, SPARSE.graph, "fp32", CACHE_DIR)), load_external_data=False
+    ).graph
     assert [o.name for o in graph.output] == [splade.OUTPUT]
     dims = graph.output[0].type.tensor_type.shape.dim
     assert len(dims) == 2

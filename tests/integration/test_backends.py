@@ -13,8 +13,9 @@ import pytest
 from embedserve.backends import load_backend
 from embedserve.backends.config import load_model_config
 from embedserve.backends.onnx import OnnxBackend, export_model
-from embedserve.backends.pooling import normalize, pool
 from embedserve.backends.torch import TorchBackend
+from embedserve.engine.kinds import DENSE
+from embedserve.engine.pooling import normalize, pool
 from embedserve.engine.tokenizer import TextTokenizer
 from embedserve.models import resolve_model_path
 from embedserve.settings import DEFAULT_DENSE_MODEL
@@ -38,10 +39,10 @@ def model() -> tuple[Path, TextTokenizer]:
 def test_int8_quantized_onnx_stays_close_to_fp32(model: tuple[Path, TextTokenizer]) -> None:
     path, tokenizer = model
     config = load_model_config(path)
-    fp32 = OnnxBackend(config, "fp32", CACHE_DIR)
-    int8 = OnnxBackend(config, "int8", CACHE_DIR)
+    fp32 = OnnxBackend(config, DENSE.graph, "fp32", CACHE_DIR)
+    int8 = OnnxBackend(config, DENSE.graph, "int8", CACHE_DIR)
     assert int8.info.dtype == "int8"
-    assert export_model(config, "int8", CACHE_DIR) != export_model(config, "fp32", CACHE_DIR)
+    assert export_model(config, DENSE.graph, "int8", CACHE_DIR) != export_model(config, DENSE.graph, "fp32", CACHE_DIR)
     cosines = (embed_with(fp32, tokenizer) * embed_with(int8, tokenizer)).sum(axis=1)
     assert cosines.min() > 0.98
     assert cosines.max() < 0.99999  # really quantized, not the fp32 graph again
@@ -50,8 +51,8 @@ def test_int8_quantized_onnx_stays_close_to_fp32(model: tuple[Path, TextTokenize
 def test_export_is_cached_by_content_and_reused(model: tuple[Path, TextTokenizer], tmp_path: Path) -> None:
     path, _ = model
     config = load_model_config(path)
-    first = export_model(config, "fp32", CACHE_DIR)
-    assert export_model(config, "fp32", CACHE_DIR) == first
+    first = export_model(config, DENSE.graph, "fp32", CACHE_DIR)
+    assert export_model(config, DENSE.graph, "fp32", CACHE_DIR) == first
     assert first.stat().st_size > 10_000_000
     # A copy of the model with one changed file is a different model: a different key.
     copy = tmp_path / "model"
@@ -63,7 +64,7 @@ def test_export_is_cached_by_content_and_reused(model: tuple[Path, TextTokenizer
     (copy / "config.json").write_text((path / "config.json").read_text().replace("}", ', "note": "changed"}', 1))
     from embedserve.backends.onnx import export_key
 
-    assert export_key(load_model_config(copy), "fp32") != export_key(config, "fp32")
+    assert export_key(load_model_config(copy), DENSE.graph, "fp32") != export_key(config, DENSE.graph, "fp32")
 
 
 def test_failed_onnx_export_falls_back_to_torch_with_a_warning(
@@ -71,14 +72,14 @@ def test_failed_onnx_export_falls_back_to_torch_with_a_warning(
 ) -> None:
     path, tokenizer = model
     config = load_model_config(path)
-    reference = embed_with(OnnxBackend(config, "fp32", CACHE_DIR), tokenizer)
+    reference = embed_with(OnnxBackend(config, DENSE.graph, "fp32", CACHE_DIR), tokenizer)
 
     def broken_export(*args: object, **kwargs: object) -> Path:
         raise RuntimeError("exporter exploded")
 
     monkeypatch.setattr("embedserve.backends.onnx.export_model", broken_export)
     with caplog.at_level(logging.WARNING):
-        backend = load_backend(config, "onnx", "auto", CACHE_DIR, 0)
+        backend = load_backend(config, DENSE.graph, "onnx", "auto", CACHE_DIR, 0)
     assert backend.info.name == "torch"
     assert "exporter exploded" in caplog.text and "falling back to torch" in caplog.text
     assert (embed_with(backend, tokenizer) * reference).sum(axis=1).min() >= 0.9999  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from embedserve.kinds import Capability
 from embedserve.models import bundled_path
 from embedserve.settings import DEFAULT_DENSE_MODEL, DEFAULT_SPARSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
@@ -218,7 +219,7 @@ def test_embed_stream_stops_reading_when_the_client_stops_reading(
     window = server.settings.stream_window
     print(f"server read {read_by_server} of {offered} requests with a window of {window}")
     assert read_by_server <= window + 8, f"server read {read_by_server} requests with a window of {window}"
-    model = server.engine.model("", "Embed")
+    model = server.engine.registry.find("", Capability.EMBED)
     assert model.scheduler.queued <= window * per_request
     ids = [response.id for response in calls]
     assert sorted(ids, key=int) == [str(i) for i in range(offered)]
@@ -236,7 +237,7 @@ def test_concurrent_small_and_large_requests_all_get_their_own_vectors(server: R
 
 
 def test_cancelled_stream_drops_its_queued_work(server: RunningServer) -> None:
-    scheduler = server.engine.model("", "Embed").scheduler
+    scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
     text = " ".join(["cancel"] * 60)
     release = threading.Event()
 

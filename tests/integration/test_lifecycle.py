@@ -17,6 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedserve.kinds import Capability
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import CACHE_DIR, RunningServer
@@ -138,7 +139,7 @@ def test_small_request_behind_a_2048_input_request_is_not_starved(server: Runnin
 
 def test_cancelled_request_drops_its_queued_work(server: RunningServer) -> None:
     stub = server.stub()
-    scheduler = server.engine.model("", "Embed").scheduler
+    scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
     call = stub.Embed.future(pb.EmbedRequest(inputs=[MEDIUM] * 2048), timeout=600)
     deadline = time.monotonic() + 10
     while scheduler.queued < 1000 and time.monotonic() < deadline:
@@ -155,7 +156,7 @@ def test_cancelled_request_drops_its_queued_work(server: RunningServer) -> None:
 
 def test_expired_deadline_is_deadline_exceeded_and_work_is_dropped(server: RunningServer) -> None:
     stub = server.stub()
-    scheduler = server.engine.model("", "Embed").scheduler
+    scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
     with pytest.raises(grpc.RpcError) as caught:
         stub.Embed(pb.EmbedRequest(inputs=[MEDIUM] * 2048), timeout=0.5)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

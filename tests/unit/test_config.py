@@ -10,6 +10,7 @@ import pytest
 
 from embedserve.backends.config import detect_kind, load_model_config
 from embedserve.errors import ConfigError
+from embedserve.kinds import ModelKind
 
 BERT = {
     "architectures": ["BertModel"],
@@ -80,7 +81,6 @@ def test_a_sentence_transformers_model_is_dense_with_mean_pooling_normalize_and_
     assert config.normalize is True
     assert config.max_input_tokens == 256
     assert (config.hidden_size, config.vocab_size) == (384, 30522)
-    assert config.architectures == ("BertModel",)
     assert config.path == tmp_path
     assert config.prompts == {} and config.default_prompt_name is None
 
@@ -178,9 +178,9 @@ def test_a_plain_encoder_without_modules_is_dense_with_mean_pooling(tmp_path: Pa
 
 def test_an_explicit_kind_overrides_detection(tmp_path: Path) -> None:
     folder = write_model(tmp_path, {**BERT, "architectures": ["BertForMaskedLM"]})
-    assert load_model_config(folder, kind="dense").kind == "dense"
-    assert load_model_config(folder, kind="rerank").kind == "rerank"
-    assert load_model_config(sentence_transformer(tmp_path / "st"), kind="sparse").kind == "sparse"
+    assert load_model_config(folder, kind=ModelKind.DENSE).kind == "dense"
+    assert load_model_config(folder, kind=ModelKind.RERANK).kind == "rerank"
+    assert load_model_config(sentence_transformer(tmp_path / "st"), kind=ModelKind.SPARSE).kind == "sparse"
 
 
 def test_detect_kind_reads_the_architecture_of_plain_transformers_models() -> None:

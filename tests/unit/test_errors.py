@@ -33,7 +33,6 @@ from embedserve.errors import (
         (CancelledRequestError, grpc.StatusCode.CANCELLED),
         (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
         (EngineFailedError, grpc.StatusCode.INTERNAL),
-        (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
     ],
 )
 def test_each_domain_error_maps_to_its_status_code_with_its_message(
@@ -59,6 +58,12 @@ def test_a_subclass_of_a_domain_error_gets_its_parents_code() -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "at most 2048 inputs",
     )
+
+
+def test_a_configuration_error_is_a_startup_error_with_no_status_code() -> None:
+    # Raised before the server serves; one that reached a caller would be a bug.
+    assert not issubclass(ConfigError, EmbedServeError)
+    assert ConfigError not in STATUS_CODES
 
 
 @pytest.mark.parametrize("error", [ValueError("boom"), KeyError("k"), EmbedServeError("bare base")])

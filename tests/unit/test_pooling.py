@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedserve.backends.pooling import normalize, pool
+from embedserve.engine.pooling import normalize, pool
 
 # Two inputs, four token slots, hidden size 3. Row 0 has 4 real tokens, row 1 has 2 and
 # 2 padding slots whose values are large so that any leak into the result shows.

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from embedserve.errors import ConfigError
+from embedserve.kinds import ModelKind
 from embedserve.settings import DEFAULT_DENSE_MODEL, DEFAULT_SPARSE_MODEL, ModelSettings, Settings, load_settings
 
 
@@ -47,9 +48,9 @@ def test_per_model_values_line_up_with_model_names() -> None:
         },
     )
     assert settings.models == (
-        ModelSettings("a", batch_size=8, backend="onnx", dtype="fp32", kind="dense"),
-        ModelSettings("b", batch_size=16, backend="torch", dtype="fp16", kind="sparse"),
-        ModelSettings("c", batch_size=32, backend="onnx", dtype="int8", kind="rerank"),
+        ModelSettings("a", batch_size=8, backend="onnx", dtype="fp32", kind=ModelKind.DENSE),
+        ModelSettings("b", batch_size=16, backend="torch", dtype="fp16", kind=ModelKind.SPARSE),
+        ModelSettings("c", batch_size=32, backend="onnx", dtype="int8", kind=ModelKind.RERANK),
     )
 
 
@@ -123,7 +124,7 @@ def test_scalar_settings_are_parsed_from_text() -> None:
     assert (settings.queue_size, settings.max_concurrency, settings.max_inputs_per_request) == (5000, 7, 100)
     assert (settings.max_batch_tokens, settings.stream_window, settings.intra_op_threads) == (4096, 3, 4)
     assert settings.cache_dir == Path("/tmp/exports")
-    assert settings.grace_period_s == 2.5
+    assert settings.grace_period == 2.5
     assert settings.max_message_bytes == 1024
     assert settings.log_level == "DEBUG"
 
@@ -175,7 +176,7 @@ def test_the_config_file_can_come_from_the_environment_and_lists_are_per_model(t
         ModelSettings("x", batch_size=8, backend="torch", dtype="fp16"),
         ModelSettings("y", batch_size=16, backend="onnx", dtype="fp16"),
     )
-    assert (settings.host, settings.port, settings.grace_period_s) == ("::1", 0, 1.5)
+    assert (settings.host, settings.port, settings.grace_period) == ("::1", 0, 1.5)
 
 
 def test_the_config_flag_beats_the_config_environment_variable(tmp_path: Path) -> None:

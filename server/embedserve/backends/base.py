@@ -20,12 +20,25 @@ class BackendInfo:
     name: str  # "onnx" | "torch"
     provider: str  # e.g. "CPUExecutionProvider", "CUDAExecutionProvider", "cpu", "cuda"
     dtype: str  # "fp32" | "fp16" | "int8"
-    # True when every input in a batch is padded to the longest one, so a batch costs
+    # Every backend pads each input of a batch to the longest one, so a batch costs
     # (longest input x batch size) tokens, and sorting by length pays.
-    padded: bool = True
     # Fixed cost of one more forward pass (launch, session overhead) in token-equivalents;
     # the scheduler trades it against padding when it cuts batches.
     batch_overhead_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What a backend must know of a model's kind to load and run it (the engine's kind
+    objects hold one each)."""
+
+    onnx_task: str  # optimum's export task
+    onnx_output: str | None  # the graph output to fetch; None: its first
+    auto_class: str  # the transformers Auto class the torch backend loads
+    torch_output: str  # the attribute of the transformers output to return
+    # SPLADE max pooling inside the backend (in the graph, or on torch's logits), so the full
+    # masked-LM logits never leave it.
+    splade: bool = False
 
 
 class Backend(ABC):

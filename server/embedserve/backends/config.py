@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from embedserve.errors import ConfigError
+from embedserve.kinds import ModelKind
 
 Pooling = Literal["mean", "cls", "lasttoken", "max"]
-ModelKind = Literal["dense", "sparse", "rerank"]
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,6 @@ class ModelConfig:
 
     path: Path
     kind: ModelKind
-    architectures: tuple[str, ...]
     hidden_size: int
     vocab_size: int
     max_input_tokens: int
@@ -54,9 +53,9 @@ def _pooling_from(config: dict[str, Any]) -> Pooling:
 
 # model_type in config_sentence_transformers.json (sentence-transformers >= 5) -> kind
 _ST_MODEL_TYPES: dict[str, ModelKind] = {
-    "SentenceTransformer": "dense",
-    "SparseEncoder": "sparse",
-    "CrossEncoder": "rerank",
+    "SentenceTransformer": ModelKind.DENSE,
+    "SparseEncoder": ModelKind.SPARSE,
+    "CrossEncoder": ModelKind.RERANK,
 }
 
 
@@ -65,16 +64,16 @@ def detect_kind(architectures: tuple[str, ...], has_st_modules: bool, st_model_t
     if st_model_type in _ST_MODEL_TYPES:
         return _ST_MODEL_TYPES[st_model_type]
     if has_st_modules:
-        return "dense"
+        return ModelKind.DENSE
     if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return "rerank"
+        return ModelKind.RERANK
     if any(a.endswith("ForMaskedLM") for a in architectures):
-        return "sparse"
-    return "dense"
+        return ModelKind.SPARSE
+    return ModelKind.DENSE
 
 
-def load_model_config(path: Path, kind: str = "auto") -> ModelConfig:
-    """Reads config.json and any sentence-transformers files beside it."""
+def load_model_config(path: Path, kind: ModelKind | None = None) -> ModelConfig:
+    """Reads config.json and any sentence-transformers files beside it; `kind` None detects it."""
     hf = _read_json(path / "config.json")
     architectures = tuple(hf.get("architectures") or ())
     modules_file = path / "modules.json"
@@ -88,12 +87,12 @@ def load_model_config(path: Path, kind: str = "auto") -> ModelConfig:
     st_model_config = path / "config_sentence_transformers.json"
     st_data = _read_json(st_model_config) if st_model_config.is_file() else {}
     st_type = st_data.get("model_type")
-    if kind == "auto":
+    if kind is None:
         resolved = detect_kind(architectures, bool(modules), st_type if isinstance(st_type, str) else None)
     else:
-        resolved = kind  # type: ignore[assignment]
+        resolved = kind
 
-    pooling: Pooling = "cls" if resolved == "rerank" else "mean"
+    pooling: Pooling = "cls" if resolved is ModelKind.RERANK else "mean"
     normalize = False
     for module in modules:
         mtype = str(module.get("type", ""))
@@ -125,7 +124,6 @@ def load_model_config(path: Path, kind: str = "auto") -> ModelConfig:
     return ModelConfig(
         path=path,
         kind=resolved,
-        architectures=architectures,
         hidden_size=int(hf.get("hidden_size") or hf.get("d_model") or 0),
         vocab_size=int(hf.get("vocab_size") or 0),
         max_input_tokens=max_tokens,

@@ -24,18 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from embedserve.backends import splade
-from embedserve.backends.base import Backend, BackendInfo, FloatArray, IntArray
+from embedserve.backends.base import Backend, BackendInfo, FloatArray, GraphSpec, IntArray
 from embedserve.backends.config import ModelConfig
+from embedserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 # Files that decide what the exported graph computes.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".pt")
-_TASKS = {"dense": "feature-extraction", "sparse": "fill-mask", "rerank": "text-classification"}
 _EXPORT_FORMAT = 3  # bump when the way we export or post-process changes
-# The graph output each kind returns: dense the last hidden state (its first output), sparse the
-# SPLADE weights appended by splade.append_to_graph, rerank the classifier logits.
-_OUTPUTS = {"sparse": splade.OUTPUT, "rerank": "logits"}
 
 
 def cuda_device_count() -> int:
@@ -59,13 +56,17 @@ def cuda_available() -> bool:
 
 
 def resolve_dtype(requested: str, on_cuda: bool) -> str:
-    """Turns "auto" into fp16 on CUDA and fp32 on CPU; checks the others fit the device."""
+    """Turns "auto" into fp16 on CUDA and fp32 on CPU; refuses fp16 on CPU."""
     if requested == "auto":
         return "fp16" if on_cuda else "fp32"
+    if requested == "fp16" and not on_cuda:
+        raise ConfigError(
+            "dtype fp16 needs the CUDA execution provider (onnxruntime-gpu and a GPU); use fp32 or int8 on CPU"
+        )
     return requested
 
 
-def export_key(config: ModelConfig, dtype: str) -> str:
+def export_key(config: ModelConfig, graph: GraphSpec, dtype: str) -> str:
     """Hashes the model's files and export settings: same key, same graph."""
     digest = hashlib.sha256()
     for file in sorted(config.path.rglob("*")):
@@ -75,7 +76,7 @@ def export_key(config: ModelConfig, dtype: str) -> str:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(chunk)
     settings = {
-        "task": _TASKS[config.kind],
+        "task": graph.onnx_task,
         "dtype": dtype,
         "format": _EXPORT_FORMAT,
         "optimum": version("optimum-onnx"),
@@ -117,9 +118,9 @@ class _Heartbeat:
         self._thread.join()
 
 
-def export_model(config: ModelConfig, dtype: str, cache_dir: Path) -> Path:
+def export_model(config: ModelConfig, graph: GraphSpec, dtype: str, cache_dir: Path) -> Path:
     """Returns the cached ONNX file for this model and dtype, exporting it first if needed."""
-    target = cache_dir / "onnx" / export_key(config, dtype)
+    target = cache_dir / "onnx" / export_key(config, graph, dtype)
     model_file = target / "model.onnx"
     if model_file.is_file():
         log.info("using cached ONNX export %s", model_file)
@@ -133,12 +134,12 @@ def export_model(config: ModelConfig, dtype: str, cache_dir: Path) -> Path:
             main_export(
                 str(config.path),
                 output=work / "fp32",
-                task=_TASKS[config.kind],
+                task=graph.onnx_task,
                 device="cpu",
                 library_name="transformers",
             )
             exported = work / "fp32" / "model.onnx"
-            if config.kind == "sparse":
+            if graph.splade:
                 _append_splade(exported)
             final = work / "out" / "model.onnx"
             final.parent.mkdir()
@@ -158,8 +159,8 @@ def export_model(config: ModelConfig, dtype: str, cache_dir: Path) -> Path:
                 import onnx
                 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-                graph = onnx.load(str(exported))
-                onnx.save(convert_float_to_float16(graph, keep_io_types=True), str(final))
+                fp32_model = onnx.load(str(exported))
+                onnx.save(convert_float_to_float16(fp32_model, keep_io_types=True), str(final))
             else:
                 shutil.move(str(exported), str(final))
                 for extra in (work / "fp32").glob("*.onnx_data"):
@@ -188,7 +189,9 @@ def _append_splade(model_file: Path) -> None:
 class OnnxBackend(Backend):
     """Runs an exported graph on the CUDA execution provider when present, else on CPU."""
 
-    def __init__(self, config: ModelConfig, dtype: str, cache_dir: Path, intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, config: ModelConfig, graph: GraphSpec, dtype: str, cache_dir: Path, intra_op_threads: int = 0
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -200,13 +203,7 @@ class OnnxBackend(Backend):
         # was built for are missing (it logs which), and then the CPU's dtype is the right one.
         for on_cuda in (True, False) if cuda_available() else (False,):
             resolved = resolve_dtype(dtype, on_cuda)
-            if resolved == "fp16" and not on_cuda:
-                from embedserve.errors import ConfigError
-
-                raise ConfigError(
-                    "dtype fp16 needs the CUDA execution provider (onnxruntime-gpu and a GPU); use fp32 or int8 on CPU"
-                )
-            model_file = export_model(config, resolved, cache_dir)
+            model_file = export_model(config, graph, resolved, cache_dir)
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_cuda else ["CPUExecutionProvider"]
             self._session = ort.InferenceSession(str(model_file), options, providers=providers)
             if self._session.get_providers()[0] == providers[0]:
@@ -215,7 +212,8 @@ class OnnxBackend(Backend):
         dtype = resolved
         self._inputs = {i.name for i in self._session.get_inputs()}
         outputs = [o.name for o in self._session.get_outputs()]
-        self._output = _OUTPUTS.get(config.kind, outputs[0])
+        # SPLADE weights are the output splade.append_to_graph leaves.
+        self._output = splade.OUTPUT if graph.splade else graph.onnx_output or outputs[0]
         if self._output not in outputs:
             raise RuntimeError(f"{model_file} has no output {self._output!r} for a {config.kind} model: {outputs}")
         # Measured on 2 CPU cores: ~5 ms per session.run beyond its tokens, ~16-32 tokens of

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from embedserve.backends import splade
-from embedserve.backends.base import Backend, BackendInfo, FloatArray, IntArray
+from embedserve.backends.base import Backend, BackendInfo, FloatArray, GraphSpec, IntArray
 from embedserve.backends.config import ModelConfig
 from embedserve.errors import ConfigError
 
@@ -15,9 +15,9 @@ from embedserve.errors import ConfigError
 class TorchBackend(Backend):
     """Runs the Hugging Face model in torch, on CUDA when available (fp16 there), else CPU."""
 
-    def __init__(self, config: ModelConfig, dtype: str, intra_op_threads: int = 0) -> None:
+    def __init__(self, config: ModelConfig, graph: GraphSpec, dtype: str, intra_op_threads: int = 0) -> None:
         import torch
-        from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+        import transformers
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
@@ -28,15 +28,13 @@ class TorchBackend(Backend):
             raise ConfigError("dtype fp16 needs a CUDA device for the torch backend; use fp32 on CPU")
         if device == "cpu":
             torch.set_num_threads(intra_op_threads or (os.cpu_count() or 1))
-        loader = {"dense": AutoModel, "sparse": AutoModelForMaskedLM, "rerank": AutoModelForSequenceClassification}[
-            config.kind
-        ]
+        loader = getattr(transformers, graph.auto_class)
         torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
         model = loader.from_pretrained(str(config.path), dtype=torch_dtype)
         self._model = model.to(device).eval()
         self._device = torch.device(device)
         self._torch = torch
-        self._kind = config.kind
+        self._graph = graph
         overhead = 512 if device == "cuda" else 32
         self.info = BackendInfo(name="torch", provider=device, dtype=dtype, batch_overhead_tokens=overhead)
 
@@ -49,10 +47,7 @@ class TorchBackend(Backend):
                 attention_mask=mask,
                 token_type_ids=torch.from_numpy(token_type_ids).to(self._device),
             )
-            if self._kind == "dense":
-                tensor = out.last_hidden_state
-            elif self._kind == "sparse":
-                tensor = splade.pool_torch(out.logits, mask)
-            else:
-                tensor = out.logits
+            tensor = getattr(out, self._graph.torch_output)
+            if self._graph.splade:
+                tensor = splade.pool_torch(tensor, mask)
             return np.asarray(tensor.float().cpu().numpy(), dtype=np.float32)

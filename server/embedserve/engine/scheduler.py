@@ -37,9 +37,10 @@ class BatchLimits:
 
     max_batch_size: int
     max_batch_tokens: int
-    # From the backend: whether a batch costs longest x size (padded) or the sum of lengths,
-    # and what one more batch costs beyond its tokens, in token-equivalents.
+    # Whether a batch costs longest x size (padded) or the sum of lengths (a backend that packs
+    # inputs without padding, as TEI's flash-attention ones do; none of ours does today).
     padded: bool = True
+    # From the backend: what one more batch costs beyond its tokens, in token-equivalents.
     batch_overhead_tokens: int = 32
     # A window of up to this many batches' worth of waiting items is sorted by length
     # before batches are cut from it; larger = less padding, coarser fairness.
@@ -64,7 +65,7 @@ class Job(Generic[T, R]):
         # inputs of similar length.
         self.order = sorted(range(self.size), key=lengths.__getitem__)
         self.cursor = 0  # next position in `order` to hand to a window
-        self.results: list[R | None] = [None] * self.size
+        self.results: dict[int, R] = {}  # by position; complete when uncomputed is 0
         self.uncomputed = self.size
         self.future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
         self.admitted_at = time.monotonic()
@@ -340,16 +341,14 @@ class Scheduler(Generic[T, R]):
             if job.uncomputed == 0:
                 self._live.discard(job)
                 if not job.future.done():  # a caller may have cancelled the future itself
-                    job.future.set_result(job.results)  # type: ignore[arg-type]
+                    job.future.set_result([job.results[pos] for pos in range(job.size)])
         self._wake_space_waiters()
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            error: BaseException = asyncio.CancelledError()
-        elif task.exception() is None:
+        error: BaseException | None = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if error is None:
             return
-        else:
-            error = task.exception()  # type: ignore[assignment]
+        if not task.cancelled():
             log.critical("batching loop of model %s crashed", self.name, exc_info=error)
         self.failure = error
         for job in list(self._live):

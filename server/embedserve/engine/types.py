@@ -3,34 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
 
-
-class Kind(StrEnum):
-    """What a model computes."""
-
-    DENSE = "dense"
-    SPARSE = "sparse"
-    RERANK = "rerank"
-
-
-# RPCs each kind answers (ListModels capabilities; FAILED_PRECONDITION messages). Dense
-# models rerank too, by cosine similarity between the query's and each document's vector.
-CAPABILITIES: dict[Kind, tuple[str, ...]] = {
-    Kind.DENSE: ("Embed", "EmbedStream", "Rerank"),
-    Kind.SPARSE: ("SparseEmbed",),
-    Kind.RERANK: ("Rerank",),
-}
-
-# Kinds that answer each RPC, in the order a request that names no model picks its default.
-SERVED_BY: dict[str, tuple[Kind, ...]] = {
-    "Embed": (Kind.DENSE,),
-    "SparseEmbed": (Kind.SPARSE,),
-    "Rerank": (Kind.RERANK, Kind.DENSE),
-}
+from embedserve.kinds import Capability, ModelKind
 
 
 @dataclass(frozen=True)
@@ -95,13 +72,19 @@ class Timing:
 
 
 @dataclass(frozen=True)
-class EmbedResult:
-    """Vectors, one row per input, in input order."""
+class Result:
+    """What every answer carries besides its payload: the model that computed it and the cost."""
 
-    vectors: npt.NDArray[np.float32]
     model: str
     usage: Usage
     timing: Timing
+
+
+@dataclass(frozen=True)
+class EmbedResult(Result):
+    """Vectors, one row per input, in input order."""
+
+    vectors: npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -114,13 +97,10 @@ class SparseVector:
 
 
 @dataclass(frozen=True)
-class SparseResult:
+class SparseResult(Result):
     """Sparse vectors, one per input, in input order."""
 
     vectors: list[SparseVector]
-    model: str
-    usage: Usage
-    timing: Timing
 
 
 @dataclass(frozen=True)
@@ -133,13 +113,10 @@ class Ranked:
 
 
 @dataclass(frozen=True)
-class RerankResult:
+class RerankResult(Result):
     """Documents sorted by score, highest first."""
 
     results: list[Ranked]
-    model: str
-    usage: Usage
-    timing: Timing
 
 
 @dataclass(frozen=True)
@@ -147,7 +124,8 @@ class ModelDescription:
     """What ListModels says about a served model."""
 
     id: str
-    kind: Kind
+    kind: ModelKind
+    capabilities: tuple[Capability, ...]
     dimension: int
     vocab_size: int
     max_input_tokens: int
@@ -159,8 +137,3 @@ class ModelDescription:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str = ""
     loaded_at: int = 0  # Unix time, seconds
-
-    @property
-    def capabilities(self) -> tuple[str, ...]:
-        """RPCs this model answers."""
-        return CAPABILITIES[self.kind]

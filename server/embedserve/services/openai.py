@@ -14,6 +14,8 @@ from embedserve.v1 import openai_service_pb2_grpc as rest_grpc
 class OpenAIService(rest_grpc.OpenAIServiceServicer):
     """Serves the REST shapes from the same Engine (models, batches, limits) as EmbeddingService."""
 
+    words = staticmethod(convert.route_words)
+
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 

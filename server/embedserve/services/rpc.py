@@ -1,4 +1,4 @@
-"""What every unary handler shares: deadlines and the one way errors become status codes."""
+"""What every handler shares: deadlines and the one way errors become status codes."""
 
 from __future__ import annotations
 
@@ -6,37 +6,50 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from embedserve.errors import EmbedServeError, status_for
+from embedserve.errors import EmbedServeError, Words, status_for
 
 log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+
+class Servicer(Protocol):
+    """A servicer names the engine's capabilities in its own words in error messages."""
+
+    words: Words
+
+
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
 
 
-def deadline(context: grpc.aio.ServicerContext[Req, Resp]) -> float | None:
+def deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     """The caller's deadline on the monotonic clock, or None when it set none."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
 
+def status(error: Exception, rpc: str, words: Words) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed request gets, unary or on a stream; anything but a
+    domain error is a bug: INTERNAL, logged."""
+    if not isinstance(error, EmbedServeError):
+        log.error("bug in %s", rpc, exc_info=error)
+    return status_for(error, words)
+
+
 def unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Turns domain errors into their status code; anything else is a bug: INTERNAL, logged."""
+    """Turns an error into its status code (`status`) and aborts the call with it."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+    async def wrapper(self: Servicer, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
             return await handler(self, request, context)
-        except EmbedServeError as exc:
-            code, message = status_for(exc)
         except Exception as exc:
-            log.exception("bug in %s", handler.__name__)
-            code, message = status_for(exc)
+            code, message = status(exc, handler.__name__, self.words)
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 

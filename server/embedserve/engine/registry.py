@@ -1,0 +1,171 @@
+"""The served models: loading them at startup, finding the one a request names."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeGuard, TypeVar
+
+from tokenizers import Encoding
+
+from embedserve.backends import Backend, load_backend
+from embedserve.backends.config import ModelConfig, load_model_config
+from embedserve.engine.kinds import DENSE, KINDS, SPARSE, KindSpec, serving
+from embedserve.engine.scheduler import BatchLimits, Scheduler
+from embedserve.engine.tokenizer import TextTokenizer
+from embedserve.engine.types import ModelDescription
+from embedserve.errors import ConfigError, ModelNotFoundError, Words, WrongModelKindError
+from embedserve.kinds import Capability, ModelKind
+from embedserve.models import resolve_model_path
+from embedserve.settings import ModelSettings, Settings
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+@dataclass
+class ServedModel(Generic[R]):
+    """One loaded model with its tokenizer, backend and scheduler; each input becomes an `R`."""
+
+    id: str
+    spec: KindSpec[R]
+    config: ModelConfig
+    tokenizer: TextTokenizer
+    backend: Backend
+    scheduler: Scheduler[Encoding, R]
+    batch_size: int
+    loaded_at: float  # Unix time the model finished loading
+
+    @property
+    def kind(self) -> ModelKind:
+        """What the model computes."""
+        return self.spec.kind
+
+    def describe(self) -> ModelDescription:
+        """What ListModels reports."""
+        info = self.backend.info
+        return ModelDescription(
+            id=self.id,
+            kind=self.kind,
+            capabilities=self.spec.capabilities,
+            dimension=self.config.hidden_size if self.spec is DENSE else 0,
+            vocab_size=self.config.vocab_size if self.spec is SPARSE else 0,
+            max_input_tokens=self.config.max_input_tokens,
+            backend=info.name,
+            provider=info.provider,
+            dtype=info.dtype,
+            normalize=self.config.normalize,
+            max_batch_size=self.batch_size,
+            prompts=dict(self.config.prompts),
+            default_prompt_name=self.config.default_prompt_name or "",
+            loaded_at=int(self.loaded_at),
+        )
+
+
+def is_kind(model: ServedModel[Any], spec: KindSpec[R]) -> TypeGuard[ServedModel[R]]:
+    """True when the model is of `spec`'s kind; narrows its result type."""
+    return model.spec is spec
+
+
+class Registry:
+    """Every served model, in configuration order."""
+
+    def __init__(self, models: Sequence[ServedModel[Any]]) -> None:
+        self._models = {m.id: m for m in models}
+
+    @classmethod
+    def load(cls, settings: Settings) -> Registry:
+        """Loads every configured model; raises ConfigError saying what to change."""
+        return cls([load_served_model(model, settings) for model in settings.models])
+
+    def __iter__(self) -> Iterator[ServedModel[Any]]:
+        return iter(self._models.values())
+
+    def describe(self) -> list[ModelDescription]:
+        """Every served model, in configuration order."""
+        return [m.describe() for m in self._models.values()]
+
+    def find(self, name: str, capability: Capability) -> ServedModel[Any]:
+        """The model a request names; empty picks the first served model of the kind that suits
+        the capability best (for rerank: a cross-encoder, else a dense model)."""
+        kinds = serving(capability)
+        if not name:
+            for spec in kinds:
+                for candidate in self._models.values():
+                    if candidate.spec is spec:
+                        return candidate
+            wanted = " or ".join(spec.kind.value for spec in kinds)
+            served = self._served()
+
+            def no_default(say: Words) -> str:
+                return (
+                    f"no {wanted} model is served, so {say(capability)[0]} needs one in MODEL_NAMES; served: {served}"
+                )
+
+            raise ModelNotFoundError(no_default)
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFoundError(f"model {name!r} is not served; served models: {self._served()}")
+        if model.spec not in kinds:
+            offered = model.spec.capabilities
+
+            def wrong_kind(say: Words) -> str:
+                answers = ", ".join(word for c in offered for word in say(c))
+                return f"model {name!r} is a {model.kind.value} model and answers {answers}, not {say(capability)[0]}"
+
+            raise WrongModelKindError(wrong_kind)
+        return model
+
+    def _served(self) -> str:
+        return ", ".join(f"{m.id} ({m.kind.value})" for m in self._models.values())
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """Calls `callback` when any model's worker crashes (to flip health)."""
+        for model in self._models.values():
+            model.scheduler.on_failure = callback
+
+
+def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[Any]:
+    """Loads one model's config, tokenizer and backend, logging what was loaded and how long it took."""
+    started = time.monotonic()
+    path = resolve_model_path(wanted.name)
+    config = load_model_config(path, wanted.kind)
+    if config.max_input_tokens > settings.max_batch_tokens:
+        raise ConfigError(
+            f"model {wanted.name} takes inputs of up to {config.max_input_tokens} tokens but MAX_BATCH_TOKENS is "
+            f"{settings.max_batch_tokens}: raise --max-batch-tokens to at least {config.max_input_tokens}"
+        )
+    if config.kind is ModelKind.RERANK and config.num_labels != 1:
+        raise ConfigError(
+            f"model {wanted.name} is a sequence classifier with {config.num_labels} labels; rerank needs a "
+            f"cross-encoder with one relevance label (num_labels=1)"
+        )
+    kind = KINDS[config.kind]
+    tokenizer = TextTokenizer(path, config.max_input_tokens)
+    backend = load_backend(
+        config, kind.graph, wanted.backend, wanted.dtype, settings.cache_dir, settings.intra_op_threads
+    )
+    limits = BatchLimits(
+        max_batch_size=wanted.batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        batch_overhead_tokens=backend.info.batch_overhead_tokens,
+    )
+    scheduler = Scheduler(wanted.name, kind.runner(tokenizer, backend, config), limits, settings.queue_size)
+    info = backend.info
+    log.info(
+        "loaded model %s (%s, %s, max %d tokens) from %s: backend %s, provider %s, dtype %s, batch %d, in %.1f s",
+        wanted.name,
+        config.kind.value,
+        kind.summary(config),
+        config.max_input_tokens,
+        path,
+        info.name,
+        info.provider,
+        info.dtype,
+        wanted.batch_size,
+        time.monotonic() - started,
+    )
+    return ServedModel(wanted.name, kind, config, tokenizer, backend, scheduler, wanted.batch_size, time.time())

@@ -1,0 +1,56 @@
+"""What a request's per-input results become: vectors cut and normalized, terms selected,
+documents ranked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from embedserve.backends.base import FloatArray
+from embedserve.engine.pooling import normalize
+from embedserve.engine.tokenizer import TextTokenizer
+from embedserve.engine.types import EmbedParams, Ranked, RerankParams, SparseParams, SparseVector
+
+
+def vectors(rows: Sequence[FloatArray], params: EmbedParams, model_normalizes: bool) -> FloatArray:
+    """Stacks pooled rows, keeps the first `dimensions` and normalizes as asked (else as the
+    model does)."""
+    stacked = np.stack(rows)
+    if params.dimensions is not None:
+        stacked = stacked[:, : params.dimensions]
+    if model_normalizes if params.normalize is None else params.normalize:
+        stacked = normalize(stacked)
+    return np.ascontiguousarray(stacked, dtype=np.float32)
+
+
+def select_terms(vector: SparseVector, params: SparseParams, tokenizer: TextTokenizer) -> SparseVector:
+    """Applies a request's min_weight and top_k; indices stay ascending."""
+    keep = np.ones(len(vector.indices), dtype=bool)
+    if params.min_weight is not None:
+        keep &= vector.values > params.min_weight
+    indices, values = vector.indices[keep], vector.values[keep]
+    if params.top_k is not None and len(indices) > params.top_k:
+        heaviest = np.sort(np.argsort(-values, kind="stable")[: params.top_k])
+        indices, values = indices[heaviest], values[heaviest]
+    tokens = [tokenizer.token(int(i)) for i in indices] if params.return_tokens else []
+    return SparseVector(indices=indices, values=values, tokens=tokens)
+
+
+def cross_encoder_scores(logits: Sequence[float], raw: bool) -> np.ndarray:
+    """Relevance logits, mapped to 0..1 by a sigmoid unless raw scores are asked for."""
+    scores = np.asarray(logits, dtype=np.float64)
+    return scores if raw else 1.0 / (1.0 + np.exp(-scores))
+
+
+def cosine_scores(rows: Sequence[FloatArray]) -> np.ndarray:
+    """Cosine similarity of each document's vector (rows 1..) to the query's (row 0)."""
+    unit = normalize(np.stack(rows))
+    scores: np.ndarray = unit[1:] @ unit[0]
+    return scores
+
+
+def ranking(scores: np.ndarray, params: RerankParams) -> list[Ranked]:
+    """Documents by score, highest first, cut to top_n."""
+    order = sorted(range(len(params.documents)), key=lambda i: -scores[i])[: params.top_n]
+    return [Ranked(i, float(scores[i]), params.documents[i] if params.return_documents else "") for i in order]
