@@ -34,10 +34,15 @@ RUN pip install --no-cache-dir -c /tmp/constraints.txt grpcio-tools mypy-protobu
 COPY proto ./proto
 COPY tools ./tools
 COPY envoy ./envoy
-RUN mkdir -p server && python tools/gen_proto.py server
+# The gateway reads the server's own settings (embedserve.settings) for its body limit.
+COPY server ./server
+RUN python tools/gen_proto.py server
 # The address Envoy listens on and the server it forwards to (a compose service name).
 ARG GATEWAY_LISTEN=0.0.0.0:8080
 ARG GATEWAY_UPSTREAM=embedserve:50051
+# Set it as the server's MAX_MESSAGE_BYTES is set; empty: the server's default.
+ARG MAX_MESSAGE_BYTES=""
+ENV PYTHONPATH=/src/server
 # Renders /etc/envoy/{envoy.yaml,embedserve.pb,openai_errors.lua}, which reference each other
 # by those paths, as `make run` does in a temporary folder. Rendering needs no Envoy binary
 # (the envoy image brings its own).

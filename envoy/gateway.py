@@ -10,8 +10,10 @@ Usage:
       The server (`python -m embedserve SERVER ARGS`) and Envoy together, as `make run` does;
       Ctrl-C or SIGTERM stops both (the server drains first).
 
-Defaults: listen on $GATEWAY_LISTEN or 0.0.0.0:8080; upstream $GATEWAY_UPSTREAM or
-127.0.0.1:$EMBEDSERVE_PORT (50051).
+Defaults: listen on $GATEWAY_LISTEN or 0.0.0.0:8080; upstream $GATEWAY_UPSTREAM or 127.0.0.1 at
+the server's port. The server's port and message limit are read from its own settings
+(embedserve.settings: SERVER ARGS, the environment and its config file), so that Envoy's body
+limit is always the server's MAX_MESSAGE_BYTES.
 """
 
 from __future__ import annotations
@@ -36,13 +38,17 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tools"))  # tools/ is not a package
 import gen_proto  # noqa: E402
 
+from embedserve.errors import ConfigError  # noqa: E402
+from embedserve.settings import Settings, load_settings  # noqa: E402
+
 TEMPLATE = HERE / "envoy.yaml"
 LUA = HERE / "openai_errors.lua"
 # Logged once every cluster has had its first health check, just before Envoy listens on its
 # sockets and starts its workers ("starting main dispatch loop" comes earlier than both).
 READY_LINE = "all dependencies initialized. starting workers"
-MAX_REQUEST_BYTES = 64 * 1024 * 1024  # the server's default max message size
-MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# Responses may be larger than requests: JSON numbers take ~4x the bytes of the float32 the
+# server sends (2048 x 4096 floats as JSON is well over the server's message limit).
+RESPONSE_TO_REQUEST_BYTES = 4
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -52,10 +58,13 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def write_config(workdir: Path, listen: str, upstream: str) -> Path:
+def write_config(workdir: Path, listen: str, upstream: str, max_message_bytes: int | None = None) -> Path:
     """Writes a self-contained config folder for these addresses (the upstream host may be a
     name, such as a compose service): envoy.yaml, the descriptor set built from proto/ and the
-    Lua filter, referenced by their paths inside `workdir`."""
+    Lua filter, referenced by their paths inside `workdir`. Request bodies are limited to the
+    server's `max_message_bytes` (default: its setting from the environment)."""
+    if max_message_bytes is None:
+        max_message_bytes = load_settings([]).max_message_bytes
     descriptor = gen_proto.descriptor_set(workdir / "embedserve.pb")
     listen_host, listen_port = _split(listen)
     upstream_host, upstream_port = _split(upstream)
@@ -66,8 +75,8 @@ def write_config(workdir: Path, listen: str, upstream: str) -> Path:
         upstream_port=upstream_port,
         descriptor=descriptor,
         openai_errors_lua=shutil.copy(LUA, workdir),
-        max_request_bytes=MAX_REQUEST_BYTES,
-        max_response_bytes=MAX_RESPONSE_BYTES,
+        max_request_bytes=max_message_bytes,
+        max_response_bytes=max_message_bytes * RESPONSE_TO_REQUEST_BYTES,
     )
     path = workdir / "envoy.yaml"
     path.write_text(config)
@@ -151,12 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs Envoy (and with --with-server the server too) until interrupted."""
     args = list(sys.argv[1:] if argv is None else argv)
     server_args = args[args.index("--") + 1 :] if "--" in args else []
+    try:
+        server_settings: Settings = load_settings(server_args)
+    except ConfigError as exc:
+        print(f"embedserve: configuration error: {exc}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listen", default=os.environ.get("GATEWAY_LISTEN", "0.0.0.0:8080"))
-    parser.add_argument(
-        "--upstream",
-        default=os.environ.get("GATEWAY_UPSTREAM", f"127.0.0.1:{os.environ.get('EMBEDSERVE_PORT', '50051')}"),
-    )
+    parser.add_argument("--upstream", default=os.environ.get("GATEWAY_UPSTREAM", f"127.0.0.1:{server_settings.port}"))
     parser.add_argument("--with-server", action="store_true", help="also run `python -m embedserve`")
     parser.add_argument("--log-level", default="warn", help="Envoy's log level")
     options = parser.parse_args(args[: args.index("--")] if "--" in args else args)
@@ -165,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     with tempfile.TemporaryDirectory(prefix="embedserve-envoy-") as workdir:
-        config = write_config(Path(workdir), options.listen, options.upstream)
+        config = write_config(Path(workdir), options.listen, options.upstream, server_settings.max_message_bytes)
         server = (
             subprocess.Popen([sys.executable, "-m", "embedserve", *server_args], start_new_session=True)
             if options.with_server
@@ -179,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stopping.wait()
         gateway_failed = gateway.poll() is not None
         if server is not None:
-            _stop(server, grace_s=60)  # SIGTERM: the server drains in-flight requests first
+            # SIGTERM: the server drains in-flight requests for its grace period first.
+            _stop(server, grace_s=server_settings.grace_period + 30)
         _stop(gateway, grace_s=10)
         if gateway_failed:
             print(f"envoy exited with {gateway.returncode}", file=sys.stderr)

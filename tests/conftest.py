@@ -58,7 +58,8 @@ class RunningServer:
 
     def stub(self) -> pb_grpc.EmbeddingServiceStub:
         """A blocking stub on a fresh channel."""
-        channel = grpc.insecure_channel(self.address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        limit = ("grpc.max_receive_message_length", self.settings.max_message_bytes)
+        channel = grpc.insecure_channel(self.address, options=[limit])
         return pb_grpc.EmbeddingServiceStub(channel)
 
     def stop(self) -> None:

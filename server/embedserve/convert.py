@@ -15,17 +15,7 @@ import numpy.typing as npt
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from embedserve.engine.types import (
-    EmbedParams,
-    EmbedResult,
-    ModelDescription,
-    RerankParams,
-    RerankResult,
-    SparseParams,
-    SparseResult,
-    Timing,
-    Usage,
-)
+from embedserve.engine import types as domain
 from embedserve.errors import InvalidInputError
 from embedserve.kinds import Capability, ModelKind
 from embedserve.v1 import embedding_service_pb2 as pb
@@ -79,10 +69,10 @@ def _inputs(request: EmbedRequests | SparseRequests) -> list[str]:
     return texts(request.input)
 
 
-def embed_params(request: EmbedRequests) -> EmbedParams:
+def embed_params(request: EmbedRequests) -> domain.EmbedParams:
     """Reads a dense request into domain parameters (validation happens in the engine)."""
     truncate = _optional(request, "truncate")
-    return EmbedParams(
+    return domain.EmbedParams(
         inputs=_inputs(request),
         model=request.model,
         dimensions=_optional(request, "dimensions"),
@@ -93,10 +83,10 @@ def embed_params(request: EmbedRequests) -> EmbedParams:
     )
 
 
-def sparse_params(request: SparseRequests) -> SparseParams:
+def sparse_params(request: SparseRequests) -> domain.SparseParams:
     """Reads a sparse request into domain parameters."""
     truncate = _optional(request, "truncate")
-    return SparseParams(
+    return domain.SparseParams(
         inputs=_inputs(request),
         model=request.model,
         truncate=True if truncate is None else truncate,
@@ -106,10 +96,10 @@ def sparse_params(request: SparseRequests) -> SparseParams:
     )
 
 
-def rerank_params(request: RerankRequests) -> RerankParams:
+def rerank_params(request: RerankRequests) -> domain.RerankParams:
     """Reads a rerank request into domain parameters."""
     truncate = _optional(request, "truncate")
-    return RerankParams(
+    return domain.RerankParams(
         query=request.query,
         documents=list(request.documents),
         model=request.model,
@@ -120,21 +110,21 @@ def rerank_params(request: RerankRequests) -> RerankParams:
     )
 
 
-def usage(value: Usage) -> pb.Usage:
-    """Usage as sent on the wire."""
+def usage(value: domain.Usage) -> pb.Usage:
+    """domain.Usage as sent on the wire."""
     return pb.Usage(
         prompt_tokens=value.prompt_tokens, total_tokens=value.total_tokens, truncated_inputs=value.truncated_inputs
     )
 
 
-def timing(value: Timing) -> pb.Timing:
-    """Timing as sent on the wire."""
+def timing(value: domain.Timing) -> pb.Timing:
+    """domain.Timing as sent on the wire."""
     return pb.Timing(
         queue_ms=value.queue_ms, tokenize_ms=value.tokenize_ms, inference_ms=value.inference_ms, total_ms=value.total_ms
     )
 
 
-def embed_response(result: EmbedResult, encoding: int) -> pb.EmbedResponse:
+def embed_response(result: domain.EmbedResult, encoding: int) -> pb.EmbedResponse:
     """Encodes vectors as raw little-endian float32 bytes (default) or packed floats."""
     vectors = result.vectors.astype("<f4", copy=False)
     if encoding == pb.VECTOR_ENCODING_FLOAT:
@@ -150,7 +140,7 @@ def embed_response(result: EmbedResult, encoding: int) -> pb.EmbedResponse:
     )
 
 
-def sparse_response(result: SparseResult) -> pb.SparseEmbedResponse:
+def sparse_response(result: domain.SparseResult) -> pb.SparseEmbedResponse:
     """Sparse vectors as indices (ascending) and values."""
     return pb.SparseEmbedResponse(
         embeddings=[
@@ -163,7 +153,7 @@ def sparse_response(result: SparseResult) -> pb.SparseEmbedResponse:
     )
 
 
-def rerank_response(result: RerankResult) -> pb.RerankResponse:
+def rerank_response(result: domain.RerankResult) -> pb.RerankResponse:
     """Ranked documents, highest score first."""
     return pb.RerankResponse(
         results=[pb.RerankResult(index=r.index, relevance_score=r.score, document=r.document) for r in result.results],
@@ -173,7 +163,7 @@ def rerank_response(result: RerankResult) -> pb.RerankResponse:
     )
 
 
-def model_info(model: ModelDescription) -> pb.ModelInfo:
+def model_info(model: domain.ModelDescription) -> pb.ModelInfo:
     """ListModels entry for one model."""
     return pb.ModelInfo(
         id=model.id,
@@ -263,7 +253,7 @@ def _number_lists(vectors: npt.NDArray[np.float32]) -> list[struct_pb2.Value]:
     return values
 
 
-def rest_embeddings_response(result: EmbedResult, encoding: str) -> rest.CreateEmbeddingsResponse:
+def rest_embeddings_response(result: domain.EmbedResult, encoding: str) -> rest.CreateEmbeddingsResponse:
     """Vectors as JSON numbers ("float") or base64 of little-endian float32 ("base64")."""
     vectors = result.vectors.astype("<f4", copy=False)
     if encoding == "base64":
@@ -279,7 +269,7 @@ def rest_embeddings_response(result: EmbedResult, encoding: str) -> rest.CreateE
     )
 
 
-def rest_sparse_response(result: SparseResult) -> rest.CreateSparseEmbeddingsResponse:
+def rest_sparse_response(result: domain.SparseResult) -> rest.CreateSparseEmbeddingsResponse:
     """Sparse vectors as OpenAI-style list objects."""
     return rest.CreateSparseEmbeddingsResponse(
         object="list",
@@ -299,7 +289,7 @@ def rest_sparse_response(result: SparseResult) -> rest.CreateSparseEmbeddingsRes
     )
 
 
-def rest_rerank_response(result: RerankResult, return_documents: bool) -> rest.CreateRerankResponse:
+def rest_rerank_response(result: domain.RerankResult, return_documents: bool) -> rest.CreateRerankResponse:
     """Ranked documents; `document` is present only when asked for."""
     return rest.CreateRerankResponse(
         object="rerank",
@@ -315,7 +305,7 @@ def rest_rerank_response(result: RerankResult, return_documents: bool) -> rest.C
     )
 
 
-def model_object(model: ModelDescription) -> rest.ModelObject:
+def model_object(model: domain.ModelDescription) -> rest.ModelObject:
     """GET /v1/models entry for one model."""
     return rest.ModelObject(
         id=model.id,

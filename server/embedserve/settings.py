@@ -142,11 +142,11 @@ class Declaration:
 
 
 def setting(
-    default: Any = dataclasses.MISSING,
-    *,
+    default: Any,
     env: str,
-    help: str,
     parse: Parser,
+    help: str,
+    *,
     key: str = "",
     shown: str = "",
     factory: Callable[[], Any] | None = None,
@@ -188,38 +188,37 @@ class ModelSettings:
     """How to load and batch one model; each field is a per-model setting."""
 
     name: str = setting(
-        env="MODEL_NAMES",
-        key="model_names",
-        parse=text,
-        shown=f"{DEFAULT_DENSE_MODEL};{DEFAULT_SPARSE_MODEL}",
-        help="models to serve: a local HF folder, a bundled model, or an id in the offline HF cache; "
+        dataclasses.MISSING,
+        "MODEL_NAMES",
+        text,
+        "models to serve: a local HF folder, a bundled model, or an id in the offline HF cache; "
         "the first of each kind is that kind's default",
+        key="model_names",
+        shown=f"{DEFAULT_DENSE_MODEL};{DEFAULT_SPARSE_MODEL}",
     )
-    batch_size: int = setting(
-        32, env="BATCH_SIZES", key="batch_sizes", parse=positive_int, help="max inputs per forward pass"
-    )
+    batch_size: int = setting(32, "BATCH_SIZES", positive_int, "max inputs per forward pass", key="batch_sizes")
     backend: BackendName = setting(
         "onnx",
-        env="BACKEND",
-        parse=choice(get_args(BackendName)),
-        help="`onnx` or `torch`; `onnx` falls back to torch with a warning if ONNX Runtime or the export fails",
+        "BACKEND",
+        choice(get_args(BackendName)),
+        "`onnx` or `torch`; `onnx` falls back to torch with a warning if ONNX Runtime or the export fails",
     )
     dtype: Dtype = setting(
         "auto",
-        env="DTYPES",
+        "DTYPES",
+        choice(get_args(Dtype)),
+        "`auto` (fp16 on CUDA, fp32 on CPU), `fp32`, `fp16` (CUDA), `int8` (ONNX dynamic quantization, CPU)",
         key="dtypes",
-        parse=choice(get_args(Dtype)),
-        help="`auto` (fp16 on CUDA, fp32 on CPU), `fp32`, `fp16` (CUDA), `int8` (ONNX dynamic quantization, CPU)",
     )
     # None: detected from the model's own files.
     kind: ModelKind | None = setting(
         None,
-        env="MODEL_KINDS",
-        key="kinds",
-        parse=model_kind,
-        help="`dense`, `sparse` or `rerank`, overriding the kind detected from the model's config "
+        "MODEL_KINDS",
+        model_kind,
+        "`dense`, `sparse` or `rerank`, overriding the kind detected from the model's config "
         "(sentence-transformers `model_type` and modules, else `*ForMaskedLM` = sparse, "
         "`*ForSequenceClassification` = rerank)",
+        key="kinds",
     )
 
 
@@ -230,61 +229,52 @@ class Settings:
     # Out of the box: dense embeddings (and bi-encoder rerank) with MiniLM, sparse with SPLADE.
     # Built from the per-model settings of ModelSettings.
     models: tuple[ModelSettings, ...] = (ModelSettings(DEFAULT_DENSE_MODEL), ModelSettings(DEFAULT_SPARSE_MODEL))
-    host: str = setting("0.0.0.0", env="EMBEDSERVE_HOST", parse=text, help="address gRPC listens on")
-    port: int = setting(50051, env="EMBEDSERVE_PORT", parse=non_negative_int, help="gRPC port; 0 picks a free one")
+    host: str = setting("0.0.0.0", "EMBEDSERVE_HOST", text, "address gRPC listens on")
+    port: int = setting(50051, "EMBEDSERVE_PORT", non_negative_int, "gRPC port; 0 picks a free one")
     queue_size: int = setting(
         16384,
-        env="QUEUE_SIZE",
-        parse=positive_int,
-        help="inputs (or pairs) waiting per model, over all requests, before unary requests get `RESOURCE_EXHAUSTED`",
+        "QUEUE_SIZE",
+        positive_int,
+        "inputs (or pairs) waiting per model, over all requests, before unary requests get `RESOURCE_EXHAUSTED`",
     )
     max_concurrency: int = setting(
-        1024,
-        env="MAX_CONCURRENCY",
-        parse=positive_int,
-        help="concurrent RPCs; more get `RESOURCE_EXHAUSTED` from gRPC itself",
+        1024, "MAX_CONCURRENCY", positive_int, "concurrent RPCs; more get `RESOURCE_EXHAUSTED` from gRPC itself"
     )
-    max_inputs_per_request: int = setting(
-        2048, env="MAX_INPUTS_PER_REQUEST", parse=positive_int, help="inputs in one request"
-    )
+    max_inputs_per_request: int = setting(2048, "MAX_INPUTS_PER_REQUEST", positive_int, "inputs in one request")
     max_batch_tokens: int = setting(
-        16384,
-        env="MAX_BATCH_TOKENS",
-        parse=positive_int,
-        help="padded tokens (longest input x batch size) in one forward pass",
+        16384, "MAX_BATCH_TOKENS", positive_int, "padded tokens (longest input x batch size) in one forward pass"
     )
     stream_window: int = setting(
-        16, env="STREAM_WINDOW", parse=positive_int, help="requests an `EmbedStream` reads ahead of its answers"
+        16, "STREAM_WINDOW", positive_int, "requests an `EmbedStream` reads ahead of its answers"
     )
     intra_op_threads: int = setting(
-        0, env="INTRA_OP_THREADS", parse=non_negative_int, shown="0 (= cores)", help="threads per forward pass"
+        0, "INTRA_OP_THREADS", non_negative_int, "threads per forward pass", shown="0 (= cores)"
     )
     cache_dir: Path = setting(
-        env="EMBEDSERVE_CACHE_DIR",
-        parse=path,
+        dataclasses.MISSING,
+        "EMBEDSERVE_CACHE_DIR",
+        path,
+        "where ONNX exports are cached",
         factory=lambda: Path.home() / ".cache" / "embedserve",
-        help="where ONNX exports are cached",
     )
-    grace_period: float = setting(
-        10.0, env="GRACE_PERIOD", parse=seconds, help="seconds in-flight RPCs get to finish after SIGTERM"
-    )
+    grace_period: float = setting(10.0, "GRACE_PERIOD", seconds, "seconds in-flight RPCs get to finish after SIGTERM")
     max_message_bytes: int = setting(
         64 * 1024 * 1024,
-        env="MAX_MESSAGE_BYTES",
-        parse=positive_int,
-        help="largest gRPC message either way (and REST body through Envoy); the default fits 2048 "
+        "MAX_MESSAGE_BYTES",
+        positive_int,
+        "largest gRPC message either way (and REST body through Envoy); the default fits 2048 "
         "inputs of ~32 KB, or 2048 vectors of 4096 float32 values",
     )
-    log_level: str = setting("INFO", env="LOG_LEVEL", parse=log_level, help="DEBUG, INFO, WARNING, ERROR")
+    log_level: str = setting("INFO", "LOG_LEVEL", log_level, "DEBUG, INFO, WARNING, ERROR")
     # Kept out of repr so that logging the settings never prints them.
     api_keys: tuple[str, ...] = setting(
         (),
-        env="API_KEYS",
-        parse=key_list,
+        "API_KEYS",
+        key_list,
+        "`;`-separated keys; when set, every embedding RPC needs gRPC metadata "
+        "`authorization: Bearer <key>` (else `UNAUTHENTICATED`); health and reflection stay open",
         shown="none",
         repr=False,
-        help="`;`-separated keys; when set, every embedding RPC needs gRPC metadata "
-        "`authorization: Bearer <key>` (else `UNAUTHENTICATED`); health and reflection stay open",
     )
 
     @property
@@ -294,9 +284,7 @@ class Settings:
 
 
 # The one setting that says where the others may come from.
-CONFIG = Declaration(
-    env="EMBEDSERVE_CONFIG", help="TOML config file, keys as in this table", parse=path, key="config", shown="none"
-)
+CONFIG = Declaration("EMBEDSERVE_CONFIG", "TOML config file, keys as in this table", path, "config", "none")
 
 
 def all_declarations() -> list[Declaration]:

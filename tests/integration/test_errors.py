@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -12,17 +12,19 @@ from embedserve.v1 import embedding_service_pb2 as pb
 from tests.conftest import RunningServer, make_settings
 
 
-def error_of(call: object, request: object) -> grpc.RpcError:
+def error_of(call: Callable[..., object], request: object) -> grpc.Call:
     """Calls a unary stub method and returns the error it must raise."""
     with pytest.raises(grpc.RpcError) as caught:
-        call(request, timeout=60)  # type: ignore[operator]
-    return caught.value  # type: ignore[return-value]
+        call(request, timeout=60)
+    error = caught.value
+    assert isinstance(error, grpc.Call)  # grpc's errors are also the failed call
+    return error
 
 
 def test_unknown_model_is_not_found_and_lists_served_models(server: RunningServer) -> None:
     error = error_of(server.stub().Embed, pb.EmbedRequest(model="no/such-model", inputs=["x"]))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert "no/such-model" in error.details() and DEFAULT_DENSE_MODEL in error.details()
+    assert "no/such-model" in str(error.details()) and DEFAULT_DENSE_MODEL in str(error.details())
 
 
 @pytest.mark.parametrize(
@@ -49,15 +51,15 @@ def test_unknown_model_is_not_found_and_lists_served_models(server: RunningServe
 def test_bad_embed_requests_are_invalid_argument(server: RunningServer, request_: pb.EmbedRequest, needle: str) -> None:
     error = error_of(server.stub().Embed, request_)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert needle in error.details()
+    assert needle in str(error.details())
 
 
 def test_too_long_input_without_truncation_names_both_lengths(server: RunningServer) -> None:
     text = " ".join(["word"] * 600)
     error = error_of(server.stub().Embed, pb.EmbedRequest(inputs=["short", text], truncate=False))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "inputs[1] has 602 tokens" in error.details() and "at most 256" in error.details()
-    assert "truncate=true" in error.details()
+    assert "inputs[1] has 602 tokens" in str(error.details()) and "at most 256" in str(error.details())
+    assert "truncate=true" in str(error.details())
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def test_full_queue_is_resource_exhausted_and_nothing_else_fails(small_queue_ser
         except grpc.RpcError as error:
             codes.append(error.code())
             if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                assert "retry later" in error.details()
+                assert "retry later" in str(error.details())
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert grpc.StatusCode.OK in codes
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}

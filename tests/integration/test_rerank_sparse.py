@@ -56,7 +56,7 @@ def mixed(tiny_models: tuple[Path, Path]) -> Iterator[RunningServer]:
 
 def reference_logits(path: Path, query: str, documents: list[str], max_length: int = 512) -> np.ndarray:
     """The cross-encoder's logits computed by transformers directly."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))  # type: ignore[no-untyped-call]
     model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
     batch = tokenizer(
         [query] * len(documents),
@@ -67,12 +67,13 @@ def reference_logits(path: Path, query: str, documents: list[str], max_length: i
         return_tensors="pt",
     )
     with torch.inference_mode():
-        return model(**batch).logits[:, 0].numpy()
+        logits: np.ndarray = model(**batch).logits[:, 0].numpy()
+    return logits
 
 
 def reference_splade(path: Path, text: str) -> np.ndarray:
     """SPLADE weights computed by transformers directly: max over tokens of log(1 + relu(logit))."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))  # type: ignore[no-untyped-call]
     model = AutoModelForMaskedLM.from_pretrained(str(path)).eval()
     batch = tokenizer([text], return_tensors="pt", truncation=True, max_length=512)
     with torch.inference_mode():
@@ -132,11 +133,11 @@ def test_long_document_is_truncated_on_the_document_side_keeping_the_query(
         pb.RerankRequest(model=cross_encoder, query=QUERY, documents=[long_document], truncate=False),
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "documents[0] has" in error.details() and "at most 512" in error.details()
+    assert "documents[0] has" in str(error.details()) and "at most 512" in str(error.details())
     too_long_query = " ".join(["query"] * 600)
     error = error_of(mixed.stub().Rerank, pb.RerankRequest(model=cross_encoder, query=too_long_query, documents=["d"]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "shorten the query" in error.details()
+    assert "shorten the query" in str(error.details())
 
 
 def test_dense_model_reranks_by_cosine_similarity(mixed: RunningServer) -> None:
@@ -157,7 +158,7 @@ def test_sparse_vectors_match_splade_computed_by_transformers(
     texts = ["sparse vectors for search engines", "a second, different text"]
     response = mixed.stub().SparseEmbed(pb.SparseEmbedRequest(model=masked_lm, inputs=texts, return_tokens=True))
     assert [e.index for e in response.embeddings] == [0, 1]
-    tokenizer = AutoTokenizer.from_pretrained(masked_lm)
+    tokenizer = AutoTokenizer.from_pretrained(masked_lm)  # type: ignore[no-untyped-call]
     for text, embedding in zip(texts, response.embeddings, strict=True):
         expected = reference_splade(tiny_models[1], text)
         indices = list(embedding.indices)
@@ -216,10 +217,10 @@ def test_wrong_kind_is_failed_precondition_naming_kind_and_rpcs(
     stub = mixed.stub()
     error = error_of(stub.Rerank, pb.RerankRequest(model=DEFAULT_SPARSE_MODEL, query="q", documents=["d"]))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "is a sparse model and answers SparseEmbed, not Rerank" in error.details()
+    assert "is a sparse model and answers SparseEmbed, not Rerank" in str(error.details())
     error = error_of(stub.Embed, pb.EmbedRequest(model=str(tiny_models[0]), inputs=["x"]))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "is a rerank model and answers Rerank, not Embed" in error.details()
+    assert "is a rerank model and answers Rerank, not Embed" in str(error.details())
     error = error_of(stub.SparseEmbed, pb.SparseEmbedRequest(model=DEFAULT_DENSE_MODEL, inputs=["x"]))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -240,7 +241,7 @@ def test_bad_rerank_requests_are_invalid_argument(
 ) -> None:
     error = error_of(mixed.stub().Rerank, request_)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert needle in error.details()
+    assert needle in str(error.details())
 
 
 @pytest.mark.parametrize(
@@ -258,7 +259,7 @@ def test_bad_sparse_requests_are_invalid_argument(
 ) -> None:
     error = error_of(mixed.stub().SparseEmbed, request_)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert needle in error.details()
+    assert needle in str(error.details())
 
 
 def rotated(i: int, items: list[T]) -> list[T]:
@@ -323,4 +324,4 @@ def test_dense_rerank_without_truncation_names_the_document_that_is_too_long(mix
     )
     error = error_of(mixed.stub().Rerank, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "documents[1] has 402 tokens" in error.details() and "at most 256" in error.details()
+    assert "documents[1] has 402 tokens" in str(error.details()) and "at most 256" in str(error.details())

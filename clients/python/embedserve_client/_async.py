@@ -25,6 +25,7 @@ Vectors = npt.NDArray[np.float32]
 # ("Internal error from Core"); the server's own failures arrive in-band, per request, and are
 # never retried. Re-sending is safe: answers are matched by request id, and max_retries bounds it.
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL})
+# The server's default MAX_MESSAGE_BYTES (this distribution cannot import the server's settings).
 _MAX_MESSAGE_BYTES = 64 << 20
 _KINDS = {pb.MODEL_KIND_DENSE: "dense", pb.MODEL_KIND_SPARSE: "sparse", pb.MODEL_KIND_RERANK: "rerank"}
 

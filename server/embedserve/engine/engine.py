@@ -24,8 +24,6 @@ from embedserve.engine.types import (
     RerankResult,
     SparseParams,
     SparseResult,
-    Timing,
-    Usage,
 )
 from embedserve.errors import InvalidInputError
 from embedserve.kinds import Capability
@@ -85,8 +83,8 @@ class Engine:
         return EmbedResult(
             vectors=results.vectors(rows, params, model.config.normalize),
             model=model.id,
-            usage=_usage(tokenized),
-            timing=_timing(arrived, tokenize_s, job),
+            usage=results.usage(tokenized),
+            timing=results.timing(arrived, tokenize_s, job),
         )
 
     async def embed_stream(
@@ -112,7 +110,10 @@ class Engine:
         rows, job = await self._run(model, tokenized, deadline, wait=False)
         vectors = [results.select_terms(row, params, model.tokenizer) for row in rows]
         return SparseResult(
-            vectors=vectors, model=model.id, usage=_usage(tokenized), timing=_timing(arrived, tokenize_s, job)
+            vectors=vectors,
+            model=model.id,
+            usage=results.usage(tokenized),
+            timing=results.timing(arrived, tokenize_s, job),
         )
 
     async def rerank(self, params: RerankParams, deadline: float | None = None) -> RerankResult:
@@ -138,8 +139,8 @@ class Engine:
         return RerankResult(
             results=results.ranking(scores, params),
             model=model.id,
-            usage=_usage(tokenized),
-            timing=_timing(arrived, tokenize_s, job),
+            usage=results.usage(tokenized),
+            timing=results.timing(arrived, tokenize_s, job),
         )
 
     # -- steps -------------------------------------------------------------------------
@@ -189,16 +190,3 @@ class Engine:
             model.scheduler.cancel(job)
             raise
         return rows, job
-
-
-def _usage(tokenized: Tokenized) -> Usage:
-    return Usage(prompt_tokens=tokenized.tokens, truncated_inputs=len(tokenized.truncated))
-
-
-def _timing(arrived: float, tokenize_s: float, job: Job[Encoding, Any]) -> Timing:
-    return Timing(
-        queue_ms=(job.last_batch_started_at - job.admitted_at) * 1e3,
-        tokenize_ms=tokenize_s * 1e3,
-        inference_ms=job.inference_s * 1e3,
-        total_ms=(time.monotonic() - arrived) * 1e3,
-    )

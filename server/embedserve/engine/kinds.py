@@ -69,34 +69,22 @@ DENSE: KindSpec[FloatArray] = KindSpec(
     kind=ModelKind.DENSE,
     # Dense models rerank too, by cosine similarity between the query's and each document's vector.
     capabilities=(Capability.EMBED, Capability.RERANK),
-    graph=GraphSpec(
-        onnx_task="feature-extraction", onnx_output=None, auto_class="AutoModel", torch_output="last_hidden_state"
-    ),
+    graph=GraphSpec("feature-extraction", None, "AutoModel", "last_hidden_state"),
     outputs=_pooled,
     summary=lambda c: f"{c.hidden_size}-d, pooling {c.pooling}{', normalized' if c.normalize else ''}",
 )
 SPARSE: KindSpec[SparseVector] = KindSpec(
     kind=ModelKind.SPARSE,
     capabilities=(Capability.SPARSE_EMBED,),
-    graph=GraphSpec(
-        onnx_task="fill-mask",
-        onnx_output=None,
-        auto_class="AutoModelForMaskedLM",
-        torch_output="logits",
-        splade=True,
-    ),
+    # SPLADE pooling in the backend: the full masked-LM logits never leave it.
+    graph=GraphSpec("fill-mask", None, "AutoModelForMaskedLM", "logits", splade=True),
     outputs=_sparse,
     summary=lambda c: f"vocabulary {c.vocab_size}, SPLADE max pooling",
 )
 RERANK: KindSpec[float] = KindSpec(
     kind=ModelKind.RERANK,
     capabilities=(Capability.RERANK,),
-    graph=GraphSpec(
-        onnx_task="text-classification",
-        onnx_output="logits",
-        auto_class="AutoModelForSequenceClassification",
-        torch_output="logits",
-    ),
+    graph=GraphSpec("text-classification", "logits", "AutoModelForSequenceClassification", "logits"),
     outputs=_scores,
     summary=lambda c: f"{c.num_labels} label(s)",
 )

@@ -1,16 +1,20 @@
-"""What a request's per-input results become: vectors cut and normalized, terms selected,
-documents ranked."""
+"""What a request's per-input results become (vectors cut and normalized, terms selected,
+documents ranked), and what it cost."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from tokenizers import Encoding
 
 from embedserve.backends.base import FloatArray
 from embedserve.engine.pooling import normalize
-from embedserve.engine.tokenizer import TextTokenizer
-from embedserve.engine.types import EmbedParams, Ranked, RerankParams, SparseParams, SparseVector
+from embedserve.engine.scheduler import Job
+from embedserve.engine.tokenizer import TextTokenizer, Tokenized
+from embedserve.engine.types import EmbedParams, Ranked, RerankParams, SparseParams, SparseVector, Timing, Usage
 
 
 def vectors(rows: Sequence[FloatArray], params: EmbedParams, model_normalizes: bool) -> FloatArray:
@@ -54,3 +58,18 @@ def ranking(scores: np.ndarray, params: RerankParams) -> list[Ranked]:
     """Documents by score, highest first, cut to top_n."""
     order = sorted(range(len(params.documents)), key=lambda i: -scores[i])[: params.top_n]
     return [Ranked(i, float(scores[i]), params.documents[i] if params.return_documents else "") for i in order]
+
+
+def usage(tokenized: Tokenized) -> Usage:
+    """Real token counts, after prompts and truncation."""
+    return Usage(prompt_tokens=tokenized.tokens, truncated_inputs=len(tokenized.truncated))
+
+
+def timing(arrived: float, tokenize_s: float, job: Job[Encoding, Any]) -> Timing:
+    """Where the request's time went, from its arrival until now."""
+    return Timing(
+        queue_ms=(job.last_batch_started_at - job.admitted_at) * 1e3,
+        tokenize_ms=tokenize_s * 1e3,
+        inference_ms=job.inference_s * 1e3,
+        total_ms=(time.monotonic() - arrived) * 1e3,
+    )

@@ -72,6 +72,24 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class SparseVector:
+    """One sparse vector: vocabulary ids (ascending) and their weights (> 0)."""
+
+    indices: npt.NDArray[np.int32]
+    values: npt.NDArray[np.float32]
+    tokens: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One document's place in a ranking."""
+
+    index: int
+    score: float
+    document: str = ""
+
+
+@dataclass(frozen=True)
 class Result:
     """What every answer carries besides its payload: the model that computed it and the cost."""
 
@@ -88,28 +106,10 @@ class EmbedResult(Result):
 
 
 @dataclass(frozen=True)
-class SparseVector:
-    """One sparse vector: vocabulary ids (ascending) and their weights (> 0)."""
-
-    indices: npt.NDArray[np.int32]
-    values: npt.NDArray[np.float32]
-    tokens: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
 class SparseResult(Result):
     """Sparse vectors, one per input, in input order."""
 
     vectors: list[SparseVector]
-
-
-@dataclass(frozen=True)
-class Ranked:
-    """One document's place in a ranking."""
-
-    index: int
-    score: float
-    document: str = ""
 
 
 @dataclass(frozen=True)
