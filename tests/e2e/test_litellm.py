@@ -36,4 +36,4 @@ def test_litellm_embedding_equals_grpc_vectors(gateway: Gateway, server: Running
     )
     got = np.array([d["embedding"] for d in response.data], dtype=np.float32)
     np.testing.assert_allclose(got, grpc_vectors(server, texts), atol=1e-7)
-    assert response.usage.prompt_tokens > 0
+    assert response.usage is not None and response.usage.prompt_tokens > 0

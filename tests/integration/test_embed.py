@@ -66,7 +66,8 @@ def decode(response: pb.EmbedResponse) -> Matrix:
 
 def cosine(a: Matrix, b: Matrix) -> npt.NDArray[np.float64]:
     """Row-wise cosine similarity."""
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    similarity: npt.NDArray[np.float64] = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return similarity
 
 
 @pytest.fixture(scope="module")

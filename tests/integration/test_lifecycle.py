@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.process import ServerProcess
 from embedserve.kinds import Capability
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -25,52 +25,6 @@ from tests.conftest import CACHE_DIR, RunningServer
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 LONG = " ".join(["load"] * 200)  # 202 tokens
 MEDIUM = " ".join(["load"] * 20)
-
-
-class ServerProcess:
-    """`python -m embedserve` as users start it, on an ephemeral port."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "embedserve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--cache-dir",
-                str(CACHE_DIR),
-                *args,
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._port: int | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(180):
-            self.proc.kill()
-            raise AssertionError("server did not start:\n" + "".join(self.lines))
-        assert self._port is not None, "server exited during startup:\n" + "".join(self.lines)
-        self.address = f"127.0.0.1:{self._port}"
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            match = re.search(r"EmbeddingService on [\d.]+:(\d+)", line)
-            if match:
-                self._port = int(match.group(1))
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def log(self) -> str:
-        """Everything the server logged so far."""
-        return "".join(self.lines)
 
 
 def health_status(address: str, service: str = "") -> int:
@@ -169,7 +123,7 @@ def test_expired_deadline_is_deadline_exceeded_and_work_is_dropped(server: Runni
 @pytest.fixture(scope="module")
 def process() -> Iterator[ServerProcess]:
     """A server started as a separate process, for signals and logs."""
-    started = ServerProcess("--grace-period", "60")
+    started = ServerProcess(["--cache-dir", str(CACHE_DIR), "--grace-period", "60"])
     yield started
     if started.proc.poll() is None:
         started.proc.kill()

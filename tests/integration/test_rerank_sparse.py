@@ -290,11 +290,11 @@ def test_mixed_concurrent_load_of_the_three_rpcs_returns_correct_results(
     for (f, i), result in zip(calls, results, strict=True):
         base = expected[(f.__name__, 0)]
         if f is embed:
-            got = np.stack([np.frombuffer(e.float32_le, "<f4") for e in result.embeddings])  # type: ignore[attr-defined]
+            got = np.stack([np.frombuffer(e.float32_le, "<f4") for e in result.embeddings])
             want = np.stack(rotated(i, [np.frombuffer(e.float32_le, "<f4") for e in base.embeddings]))  # type: ignore[attr-defined]
             np.testing.assert_allclose(got, want, atol=1e-5)
         elif f is sparse:
-            got_s = [(list(e.indices), list(e.values)) for e in result.embeddings]  # type: ignore[attr-defined]
+            got_s = [(list(e.indices), list(e.values)) for e in result.embeddings]
             want_s = rotated(i, [(list(e.indices), list(e.values)) for e in base.embeddings])  # type: ignore[attr-defined]
             for (gi, gv), (wi, wv) in zip(got_s, want_s, strict=True):
                 assert gi == wi
@@ -302,7 +302,7 @@ def test_mixed_concurrent_load_of_the_three_rpcs_returns_correct_results(
         else:
             by_text = {texts[r.index]: r.relevance_score for r in base.results}  # type: ignore[attr-defined]
             shifted = rotated(i, texts)
-            for r in result.results:  # type: ignore[attr-defined]
+            for r in result.results:
                 assert r.relevance_score == pytest.approx(by_text[shifted[r.index]], abs=1e-5)
 
 

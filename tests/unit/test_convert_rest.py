@@ -17,7 +17,7 @@ def value(json_text: str) -> struct_pb2.Value:
 def test_number_lists_are_exactly_the_values_protobuf_builds_one_by_one() -> None:
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((5, 384)).astype(np.float32)
-    vectors[0, :4] = [0.0, -0.0, np.float32(1e-45), np.finfo(np.float32).max]
+    vectors[0, :4] = np.array([0.0, -0.0, 1e-45, np.finfo(np.float32).max], dtype=np.float32)
     fast = convert._number_lists(vectors)
     for row, got in zip(vectors, fast, strict=True):
         expected = struct_pb2.Value()

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
-
 from embedserve import convert
 from embedserve.engine.engine import Engine
 from embedserve.engine.types import EmbedParams
-from embedserve.services.rpc import deadline, status, unary
+from embedserve.services.rpc import Context, deadline, status, unary
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -23,16 +21,12 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         self._engine = engine
 
     @unary
-    async def Embed(
-        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[pb.EmbedRequest, pb.EmbedResponse]
-    ) -> pb.EmbedResponse:
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         result = await self._engine.embed(convert.embed_params(request), deadline=deadline(context))
         return convert.embed_response(result, request.encoding)
 
     async def EmbedStream(
-        self,
-        request_iterator: AsyncIterator[pb.EmbedStreamRequest],
-        context: grpc.aio.ServicerContext[pb.EmbedStreamRequest, pb.EmbedStreamResponse],
+        self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: Context
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
         async def requests() -> AsyncIterator[tuple[pb.EmbedStreamRequest, EmbedParams]]:
             async for message in request_iterator:
@@ -46,25 +40,15 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 yield pb.EmbedStreamResponse(id=message.id, response=response)
 
     @unary
-    async def SparseEmbed(
-        self,
-        request: pb.SparseEmbedRequest,
-        context: grpc.aio.ServicerContext[pb.SparseEmbedRequest, pb.SparseEmbedResponse],
-    ) -> pb.SparseEmbedResponse:
+    async def SparseEmbed(self, request: pb.SparseEmbedRequest, context: Context) -> pb.SparseEmbedResponse:
         result = await self._engine.sparse_embed(convert.sparse_params(request), deadline=deadline(context))
         return convert.sparse_response(result)
 
     @unary
-    async def Rerank(
-        self, request: pb.RerankRequest, context: grpc.aio.ServicerContext[pb.RerankRequest, pb.RerankResponse]
-    ) -> pb.RerankResponse:
+    async def Rerank(self, request: pb.RerankRequest, context: Context) -> pb.RerankResponse:
         result = await self._engine.rerank(convert.rerank_params(request), deadline=deadline(context))
         return convert.rerank_response(result)
 
     @unary
-    async def ListModels(
-        self,
-        request: pb.ListModelsRequest,
-        context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
-    ) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[convert.model_info(m) for m in self._engine.describe()])

