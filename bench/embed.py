@@ -27,7 +27,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from bench.harness import Ceiling, emit, length_order, make_corpus, max_abs_diff, padding_efficiency, step
+from bench.harness import Ceiling, bench_main, length_order, make_corpus, max_abs_diff, padding_efficiency, step
 from bench.inprocess import DEFAULT_DENSE_MODEL, Runner, measure_dense, measure_wire, server_defaults
 from bench.options import add_shared_args, check_positive, server_flags
 from bench.phases import EmbedBench, measure_embed_server
@@ -39,7 +39,9 @@ from bench.summary import embed_summary
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The shared options and this bench's own."""
     window = server_defaults().stream_window
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--texts", type=int, default=3000, help="corpus size (default 3000)")
     p.add_argument("--quick", action="store_true", help="smoke run: 384 texts, fewer latency calls and wire repeats")
     p.add_argument("--seed", type=int, default=0, help="corpus and wire-vector seed (default 0)")
@@ -106,10 +108,8 @@ def run(args: argparse.Namespace) -> EmbedBench:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the bench, prints the report and the JSON line; 1 when the vectors differ."""
-    args = parse_args(argv)
-    bench = run(args)
     mismatch = "embed_bench: server vectors differ from in-process ones"
-    return emit(embed_report(args, bench), embed_summary(args, bench), args.json_out, mismatch)
+    return bench_main(argv, parse_args, run, embed_report, embed_summary, mismatch)
 
 
 if __name__ == "__main__":

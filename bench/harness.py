@@ -4,11 +4,12 @@ lines, and the end of a run (report, JSON summary, exit code)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -244,3 +245,21 @@ def emit(report: Sequence[str], summary: dict[str, Any], json_out: Path | None, 
         print(f"{mismatch} by up to {worst:.1e}", file=sys.stderr)
         return 1
     return 0
+
+
+Bench = TypeVar("Bench")
+
+
+def bench_main(
+    argv: Sequence[str] | None,
+    parse_args: Callable[[Sequence[str] | None], argparse.Namespace],
+    run: Callable[[argparse.Namespace], Bench],
+    report: Callable[[argparse.Namespace, Bench], Sequence[str]],
+    summary: Callable[[argparse.Namespace, Bench], dict[str, Any]],
+    mismatch: str,
+) -> int:
+    """One bench's entry point: parse its options, measure, print the report and the JSON line
+    (`emit`); 1 when the server's results differ from the in-process ones."""
+    args = parse_args(argv)
+    bench = run(args)
+    return emit(report(args, bench), summary(args, bench), args.json_out, mismatch)

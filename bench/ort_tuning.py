@@ -20,7 +20,7 @@ from bench.report import ort_table
 def main(argv: Sequence[str] | None = None) -> int:
     """Prints texts/s per setting and its ratio to the server's default (all cores, ORT_ENABLE_ALL,
     fp32), plus int8 dynamic quantization (DTYPES=int8) at the default settings."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.ort_tuning", description=__doc__)
     parser.add_argument("--texts", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)

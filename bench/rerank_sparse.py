@@ -30,7 +30,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from bench.harness import emit, make_workload, max_abs_diff, padding_efficiency, step, terms_diff
+from bench.harness import bench_main, make_workload, max_abs_diff, padding_efficiency, step, terms_diff
 from bench.inprocess import (
     DEFAULT_SPARSE_MODEL,
     Runner,
@@ -52,7 +52,9 @@ from bench.summary import rerank_sparse_summary
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The shared options and this bench's own."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.rerank_sparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--texts", type=int, default=1536, help="documents / texts in the corpus (default 1536)")
     p.add_argument("--quick", action="store_true", help="smoke run: 384 texts")
     p.add_argument("--seed", type=int, default=0, help="corpus seed; queries use seed + 1 (default 0)")
@@ -93,17 +95,15 @@ def run(args: argparse.Namespace) -> RerankSparseBench:
     sparse_diff, differing = terms_diff(results.terms, a1.terms, sparse_vocab_size())
     diffs = {"rerank": max_abs_diff(results.scores, a1.scores), "sparse": sparse_diff}
     visible = args.clients * args.request_size
-    best = {kind: padding_efficiency(r.lengths, args.batch_size, visible) for kind, r in (("rerank", a1.rerank),
-            ("sparse", a1.sparse))}  # fmt: skip
+    kinds = (("rerank", a1.rerank), ("sparse", a1.sparse))
+    best = {kind: padding_efficiency(r.lengths, args.batch_size, visible) for kind, r in kinds}
     return RerankSparseBench(workload, a1, a2, results, diffs, differing, best)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the bench, prints the report and the JSON line; 1 when the results differ."""
-    args = parse_args(argv)
-    bench = run(args)
     mismatch = "rerank_sparse_bench: server results differ from in-process ones"
-    return emit(rerank_sparse_report(args, bench), rerank_sparse_summary(args, bench), args.json_out, mismatch)
+    return bench_main(argv, parse_args, run, rerank_sparse_report, rerank_sparse_summary, mismatch)
 
 
 if __name__ == "__main__":

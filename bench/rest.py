@@ -30,7 +30,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from bench.harness import Ceiling, emit, make_corpus, max_abs_diff, step
+from bench.harness import Ceiling, bench_main, make_corpus, max_abs_diff, step
 from bench.inprocess import DEFAULT_DENSE_MODEL, Runner, measure_dense
 from bench.options import add_shared_args, check_positive, server_flags
 from bench.process import Gateway, ServerProcess
@@ -41,7 +41,9 @@ from bench.summary import rest_summary
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The shared options and this bench's own."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.rest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--texts", type=int, default=2000, help="corpus size (default 2000)")
     p.add_argument("--quick", action="store_true", help="smoke run: 256 texts")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
@@ -77,10 +79,8 @@ def run(args: argparse.Namespace) -> RestBench:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the bench, prints the report and the JSON line; 1 when the vectors differ."""
-    args = parse_args(argv)
-    bench = run(args)
     mismatch = "rest_bench: REST/gRPC vectors differ from in-process ones"
-    return emit(rest_report(args, bench), rest_summary(args, bench), args.json_out, mismatch)
+    return bench_main(argv, parse_args, run, rest_report, rest_summary, mismatch)
 
 
 if __name__ == "__main__":
