@@ -72,3 +72,20 @@ def test_anything_else_is_internal_and_names_the_exception_type(error: BaseExcep
     assert code == grpc.StatusCode.INTERNAL
     assert message.startswith(f"internal error ({type(error).__name__}): ")
     assert str(error) in message
+
+
+def test_a_message_that_names_capabilities_is_rendered_in_each_services_words() -> None:
+    from embedserve import convert
+    from embedserve.kinds import Capability
+
+    def message(say: errors.Words) -> str:
+        answers = ", ".join(say(Capability.EMBED) + say(Capability.RERANK))
+        return f"answers {answers}, not {say(Capability.SPARSE_EMBED)[0]}"
+
+    error = WrongModelKindError(message)
+    assert str(error) == "answers embed, rerank, not sparse_embed"
+    assert status_for(error, convert.rpc_words) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "answers Embed, EmbedStream, Rerank, not SparseEmbed",
+    )
+    assert status_for(error, convert.route_words)[1] == "answers embeddings, rerank, not embed_sparse"
