@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from bench.harness import Ceiling, bench_main, length_order, make_corpus, max_abs_diff, padding_efficiency, step
 from bench.inprocess import DEFAULT_DENSE_MODEL, Runner, measure_dense, measure_wire, server_defaults
-from bench.options import add_shared_args, check_positive, server_flags
+from bench.options import add_shared_args, bench_parser, check_positive, server_flags
 from bench.phases import EmbedBench, measure_embed_server
 from bench.process import ServerProcess
 from bench.report import embed_report
@@ -39,12 +39,8 @@ from bench.summary import embed_summary
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The shared options and this bench's own."""
     window = server_defaults().stream_window
-    p = argparse.ArgumentParser(
-        prog="python -m bench.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--texts", type=int, default=3000, help="corpus size (default 3000)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 384 texts, fewer latency calls and wire repeats")
-    p.add_argument("--seed", type=int, default=0, help="corpus and wire-vector seed (default 0)")
+    quick = "smoke run: 384 texts, fewer latency calls and wire repeats"
+    p = bench_parser("bench.embed", __doc__, 3000, "corpus size", quick, "corpus and wire-vector seed")
     add_shared_args(p)
     p.add_argument(
         "--presorted",

@@ -8,6 +8,20 @@ from pathlib import Path
 from bench.inprocess import server_defaults
 
 
+def bench_parser(
+    module: str, doc: str | None, texts: int, texts_help: str, quick_help: str, seed_help: str
+) -> argparse.ArgumentParser:
+    """A bench's parser (usage: python -m MODULE) with the corpus options every bench takes:
+    --texts (default `texts`), --quick and --seed."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--texts", type=int, default=texts, help=f"{texts_help} (default {texts})")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+    return p
+
+
 def add_shared_args(p: argparse.ArgumentParser) -> None:
     """Options every server-vs-in-process bench takes: batching, load shape, server and output."""
     defaults = server_defaults()

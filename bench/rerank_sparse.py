@@ -38,7 +38,7 @@ from bench.inprocess import (
     measure_rerank_sparse,
     sparse_vocab_size,
 )
-from bench.options import add_shared_args, check_positive, server_flags
+from bench.options import add_shared_args, bench_parser, check_positive, server_flags
 from bench.phases import RerankSparseBench, measure_rerank_sparse_server
 from bench.process import ServerProcess
 from bench.report import rerank_sparse_report
@@ -52,12 +52,10 @@ from bench.summary import rerank_sparse_summary
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The shared options and this bench's own."""
-    p = argparse.ArgumentParser(
-        prog="python -m bench.rerank_sparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    texts = "documents / texts in the corpus"
+    p = bench_parser(
+        "bench.rerank_sparse", __doc__, 1536, texts, "smoke run: 384 texts", "corpus seed; queries use seed + 1"
     )
-    p.add_argument("--texts", type=int, default=1536, help="documents / texts in the corpus (default 1536)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 384 texts")
-    p.add_argument("--seed", type=int, default=0, help="corpus seed; queries use seed + 1 (default 0)")
     add_shared_args(p)  # --request-size: documents per Rerank request (one query) and texts per SparseEmbed
     args = p.parse_args(argv)
     if args.quick:

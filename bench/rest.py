@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from bench.harness import Ceiling, bench_main, make_corpus, max_abs_diff, step
 from bench.inprocess import DEFAULT_DENSE_MODEL, Runner, measure_dense
-from bench.options import add_shared_args, check_positive, server_flags
+from bench.options import add_shared_args, bench_parser, check_positive, server_flags
 from bench.process import Gateway, ServerProcess
 from bench.report import rest_report
 from bench.rest_phases import RestBench, measure_rest
@@ -41,12 +41,7 @@ from bench.summary import rest_summary
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The shared options and this bench's own."""
-    p = argparse.ArgumentParser(
-        prog="python -m bench.rest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--texts", type=int, default=2000, help="corpus size (default 2000)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 256 texts")
-    p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    p = bench_parser("bench.rest", __doc__, 2000, "corpus size", "smoke run: 256 texts", "corpus seed")
     p.add_argument("--model", default=DEFAULT_DENSE_MODEL, help=f"model (default {DEFAULT_DENSE_MODEL})")
     p.add_argument("--idle-calls", type=int, default=50, help="sequential calls per path for idle latency (default 50)")
     add_shared_args(p)
