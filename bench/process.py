@@ -41,14 +41,51 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class ServerProcess:
-    """`python -m embedserve --host 127.0.0.1 --port 0 FLAGS`, as users start it; every line it
-    logs (stderr) is kept in `lines`. As a context manager it stops the server on exit and
-    raises when the server did not exit 0."""
+ROOT = GATEWAY_PATH.parent.parent
 
-    def __init__(self, flags: Sequence[str], startup_timeout: float = 180.0) -> None:
+
+class Baseline:
+    """The server code of another commit, to measure against in the same run: a git worktree of
+    `ref` in a temporary folder with its Python code generated from its own proto/. Servers
+    started with it run that commit's `embedserve` package in this venv. As a context manager it
+    removes the worktree on exit."""
+
+    def __init__(self, ref: str) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="embedserve-baseline-")
+        self.path = Path(self._dir.name) / "tree"
+        self.ref = ref
+        git = ["git", "-C", str(ROOT)]
+        subprocess.run([*git, "worktree", "add", "--detach", "-q", str(self.path), ref], check=True)
+        self.commit = subprocess.run(
+            [*git, "rev-parse", "--short", ref], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        subprocess.run([sys.executable, "tools/gen_proto.py"], cwd=self.path, check=True, capture_output=True)
+
+    def environ(self) -> dict[str, str]:
+        """The environment that makes `python -m embedserve` import this commit's package."""
+        return {**os.environ, "PYTHONPATH": str(self.path / "server")}
+
+    def close(self) -> None:
+        """Removes the worktree."""
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(self.path)], check=False)
+        self._dir.cleanup()
+
+    def __enter__(self) -> Baseline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ServerProcess:
+    """`python -m embedserve --host 127.0.0.1 --port 0 FLAGS`, as users start it (the checkout's
+    code, or a `Baseline` commit's); every line it logs (stderr) is kept in `lines`. As a context
+    manager it stops the server on exit and raises when the server did not exit 0."""
+
+    def __init__(self, flags: Sequence[str], startup_timeout: float = 180.0, code: Baseline | None = None) -> None:
         self.command = [sys.executable, "-m", "embedserve", "--host", "127.0.0.1", "--port", "0", *flags]
-        self.proc = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True)
+        env = None if code is None else code.environ()
+        self.proc = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         self._port: int | None = None
         self._ready = threading.Event()
