@@ -63,6 +63,16 @@ def _optional(request: Message, field: str) -> Any:
     return getattr(request, field) if request.HasField(field) else None
 
 
+_PRIORITIES = {pb.PRIORITY_INTERACTIVE: domain.Priority.INTERACTIVE, pb.PRIORITY_BULK: domain.Priority.BULK}
+
+
+def _priority(request: EmbedRequests | SparseRequests | RerankRequests) -> domain.Priority | None:
+    """The lane a native request asks for (REST requests ask with a header, see services.rpc)."""
+    if isinstance(request, pb.EmbedRequest | pb.SparseEmbedRequest | pb.RerankRequest):
+        return _PRIORITIES.get(request.priority)
+    return None
+
+
 def _inputs(request: EmbedRequests | SparseRequests) -> list[str]:
     if isinstance(request, pb.EmbedRequest | pb.SparseEmbedRequest):
         return list(request.inputs)
@@ -80,6 +90,7 @@ def embed_params(request: EmbedRequests) -> domain.EmbedParams:
         truncate=True if truncate is None else truncate,
         prompt_name=request.prompt_name,
         prompt=_optional(request, "prompt"),
+        priority=_priority(request),
     )
 
 
@@ -93,6 +104,7 @@ def sparse_params(request: SparseRequests) -> domain.SparseParams:
         top_k=_optional(request, "top_k"),
         min_weight=_optional(request, "min_weight"),
         return_tokens=request.return_tokens,
+        priority=_priority(request),
     )
 
 
@@ -107,6 +119,7 @@ def rerank_params(request: RerankRequests) -> domain.RerankParams:
         return_documents=request.return_documents,
         raw_scores=request.raw_scores,
         truncate=True if truncate is None else truncate,
+        priority=_priority(request),
     )
 
 

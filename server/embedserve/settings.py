@@ -70,14 +70,33 @@ def non_negative_int(value: str, what: str) -> int:
     return number
 
 
-def seconds(value: str, what: str) -> float:
-    """A duration in seconds, 0 or more."""
+def number_of(unit: str) -> Parser:
+    """A number of `unit`s, 0 or more."""
+
+    def parse(value: str, what: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{what} must be a number of {unit}, got {value!r}") from None
+        if number < 0:
+            raise ConfigError(f"{what} must be 0 or more {unit}, got {value!r}")
+        return number
+
+    return parse
+
+
+seconds = number_of("seconds")
+milliseconds = number_of("milliseconds")
+
+
+def fraction(value: str, what: str) -> float:
+    """A number from 0 to 1."""
     try:
         number = float(value)
     except ValueError:
-        raise ConfigError(f"{what} must be a number of seconds, got {value!r}") from None
-    if number < 0:
-        raise ConfigError(f"{what} must be 0 or more seconds, got {value!r}")
+        raise ConfigError(f"{what} must be a number from 0 to 1, got {value!r}") from None
+    if not 0 <= number <= 1:
+        raise ConfigError(f"{what} must be from 0 to 1, got {value!r}")
     return number
 
 
@@ -249,6 +268,30 @@ class Settings:
     )
     intra_op_threads: int = setting(
         0, "INTRA_OP_THREADS", non_negative_int, "threads per forward pass", shown="0 (= cores)"
+    )
+    interactive_max_inputs: int = setting(
+        8,
+        "INTERACTIVE_MAX_INPUTS",
+        non_negative_int,
+        "a unary request with at most this many inputs (documents for rerank) is interactive: its work runs "
+        "first; larger ones and `EmbedStream` are bulk (a request's `priority` field or "
+        "`x-embedserve-priority` header says otherwise); 0: every request is bulk",
+    )
+    bulk_batch_ms: float = setting(
+        15.0,
+        "BULK_BATCH_MS",
+        milliseconds,
+        "while interactive requests arrive, bulk batches are cut to take at most this long "
+        "(by the forward-pass costs measured at startup and since), so a query waits for at most one; 0: no limit",
+    )
+    interactive_hold: float = setting(
+        5.0,
+        "INTERACTIVE_HOLD",
+        seconds,
+        "seconds after the last interactive request that bulk batches stay short; then they grow to `BATCH_SIZES`",
+    )
+    bulk_min_share: float = setting(
+        0.2, "BULK_MIN_SHARE", fraction, "share of the forward time bulk work keeps under a flood of interactive work"
     )
     cache_dir: Path = setting(
         dataclasses.MISSING,

@@ -1,5 +1,8 @@
 """The batching scheduler, driven by a fake backend in its worker thread: batch limits,
-length sorting, fairness, cancellation, deadlines, admission and failure handling."""
+length sorting, fairness, cancellation, deadlines, admission and failure handling; and its
+lanes: queries go first and never wait behind a parked bulk batch, bulk keeps full batches
+alone and a minimum share under a flood, tenants share equally, and bulk batches shrink to the
+time target while queries arrive."""
 
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from embedserve.engine.scheduler import BatchLimits, Job, Scheduler
+from embedserve.engine.cost import BatchCost
+from embedserve.engine.scheduler import BatchLimits, Job, Lanes, Scheduler
+from embedserve.engine.types import Priority
 from embedserve.errors import CancelledRequestError, DeadlineExpiredError, EngineFailedError, OverloadedError
 
 TIMEOUT_S = 5.0  # nothing in this file should take more than a fraction of this
@@ -628,3 +633,127 @@ async def test_a_caller_cancelling_its_future_does_not_crash_the_loop(make_sched
     h.scheduler.submit_nowait(after)
     assert await result_of(after) == expected(after)
     assert h.scheduler.failure is None
+
+
+# -- lanes: interactive and bulk ----------------------------------------------------------
+
+
+def job(tag: str, lengths: Sequence[int], priority: Priority = Priority.BULK, tenant: str = "") -> Job[Item, str]:
+    return Job([Item(tag, i, n) for i, n in enumerate(lengths)], list(lengths), None, priority, tenant)
+
+
+def query(tag: str) -> Job[Item, str]:
+    return job(tag, [4], Priority.INTERACTIVE)
+
+
+class FixedCost(BatchCost):
+    """A cost model that says every batch takes per_token_s per padded token, whatever the fake
+    backend's real (microsecond) timings."""
+
+    def __init__(self, per_token_s: float = 0.001) -> None:
+        super().__init__()
+        self.calibrate([(count, n, count * n * per_token_s) for count in (1, 4, 16) for n in (8, 32, 64)])
+
+    def observe(self, count: int, longest: int, seconds: float) -> None:
+        pass
+
+
+async def test_a_query_arriving_while_bulk_is_queued_runs_in_the_next_batch(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(max_batch_size=4)
+    bulk = job("bulk", [10] * 64)
+    h.backend.hold()
+    h.scheduler.submit_nowait(bulk)
+    await h.backend.wait_started()  # one bulk batch runs, the next one is parked behind it
+    await settle()
+    q = query("q")
+    h.scheduler.submit_nowait(q)
+    h.backend.release()
+    assert await result_of(q) == expected(q)
+    assert await result_of(bulk) == expected(bulk)
+    assert [item.job for item in h.backend.batches[1]] == ["q"]  # right after the running batch
+    assert sum(len(batch) for batch in h.backend.batches) == 65  # the parked batch ran later, once
+
+
+async def test_a_bulk_only_load_keeps_full_batches(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(max_batch_size=8, lanes=Lanes(bulk_batch_s=0.004), cost=FixedCost())
+    bulk = job("bulk", [10] * 160)
+    h.scheduler.submit_nowait(bulk)
+    assert await result_of(bulk) == expected(bulk)
+    assert {len(batch) for batch in h.backend.batches} == {8}
+
+
+async def test_bulk_batches_shrink_to_the_time_target_while_queries_arrive(make_scheduler: MakeScheduler) -> None:
+    # 10 tokens x 1 ms per token: the 25 ms target allows 2 items per batch instead of 8.
+    h = make_scheduler(max_batch_size=8, lanes=Lanes(bulk_batch_s=0.025, hold_s=60), cost=FixedCost())
+    q = query("q")
+    h.scheduler.submit_nowait(q)
+    assert await result_of(q) == expected(q)
+    bulk = job("bulk", [10] * 64)
+    h.scheduler.submit_nowait(bulk)
+    assert await result_of(bulk) == expected(bulk)
+    assert max(len(batch) for batch in h.backend.batches if batch[0].job == "bulk") == 2
+
+
+async def test_bulk_keeps_its_minimum_share_under_an_interactive_flood(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(max_batch_size=4, lanes=Lanes(bulk_min_share=0.3, share_window_s=60))
+    bulk = job("bulk", [10] * 400)
+    h.scheduler.submit_nowait(bulk)
+    queries: list[Job[Item, str]] = []
+    deadline = time.monotonic() + TIMEOUT_S
+    while not bulk.done and time.monotonic() < deadline:  # keep the interactive lane full
+        queries.append(query(f"q{len(queries)}"))
+        h.scheduler.submit_nowait(queries[-1])
+        await asyncio.sleep(0.0005)
+    assert await result_of(bulk) == expected(bulk)
+    for q in queries:
+        assert await result_of(q) == expected(q)
+    ran = [batch[0].job == "bulk" for batch in h.backend.batches]
+    assert sum(ran) >= 0.2 * len(ran)  # bulk got about its 30% of the batches, not starved
+
+
+async def test_two_tenants_share_the_bulk_lane_equally_whatever_their_streams(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(max_batch_size=8, window_batches=2)
+    h.backend.hold()
+    # Tenant a runs four streams' worth of jobs, tenant b one.
+    a_jobs = [job(f"a{i}", [10] * 200, tenant="a") for i in range(4)]
+    b_job = job("b0", [10] * 200, tenant="b")
+    for j in [*a_jobs, b_job]:
+        h.scheduler.submit_nowait(j)
+    h.backend.release()
+    await result_of(b_job)
+    done_by_a = sum(len(h.backend.items_of(j.items[0].job)) for j in a_jobs)
+    # When b's 200 inputs are done, a has had about as many: equal shares per tenant.
+    assert 0.8 * 200 <= done_by_a <= 1.25 * 200 + 16
+    for j in a_jobs:
+        assert await result_of(j) == expected(j)
+
+
+async def test_an_interactive_job_is_admitted_while_bulk_waits_for_room(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(queue_size=8)
+    h.backend.hold()
+    h.scheduler.submit_nowait(job("full", [1] * 6))
+    waiting = asyncio.create_task(h.scheduler.submit(job("waiting", [1] * 4)))
+    await settle()
+    q = query("q")
+    h.scheduler.submit_nowait(q)  # fits: not refused because a bulk stream waits for room
+    h.backend.release()
+    assert await result_of(q) == expected(q)
+    await asyncio.wait_for(waiting, TIMEOUT_S)
+
+
+async def test_a_query_whose_deadline_passes_while_it_waits_is_dropped_before_compute(
+    make_scheduler: MakeScheduler,
+) -> None:
+    h = make_scheduler(max_batch_size=4)
+    h.backend.hold()
+    h.scheduler.submit_nowait(job("bulk", [10] * 8))
+    await h.backend.wait_started()
+    first = query("first")  # takes the worker's next slot
+    h.scheduler.submit_nowait(first)
+    late: Job[Item, str] = Job([Item("late", 0, 4)], [4], time.monotonic() + 0.01, Priority.INTERACTIVE)
+    h.scheduler.submit_nowait(late)  # waits in the interactive lane
+    await asyncio.sleep(0.05)
+    h.backend.release()
+    assert await result_of(first) == expected(first)
+    assert isinstance(await error_of(late), DeadlineExpiredError)
+    assert h.backend.items_of("late") == []

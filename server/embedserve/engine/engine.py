@@ -17,9 +17,11 @@ from embedserve.engine.scheduler import Job
 from embedserve.engine.streaming import windowed
 from embedserve.engine.tokenizer import Tokenized
 from embedserve.engine.types import (
+    Call,
     EmbedParams,
     EmbedResult,
     ModelDescription,
+    Priority,
     RerankParams,
     RerankResult,
     SparseParams,
@@ -31,6 +33,8 @@ from embedserve.settings import Settings
 
 K = TypeVar("K")
 R = TypeVar("R")
+
+NO_CALL = Call()  # a request with no deadline, tenant or metadata (in-process callers)
 
 
 class Engine:
@@ -69,9 +73,22 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------
 
-    async def embed(self, params: EmbedParams, deadline: float | None = None, wait: bool = False) -> EmbedResult:
-        """Returns one vector per input. With wait=True a full queue delays admission
-        (streams); otherwise it fails fast with OverloadedError (unary)."""
+    def lane(self, requested: Priority | None, call: Call, inputs: int, streamed: bool = False) -> Priority:
+        """The lane a request's work takes: as its message, else its metadata asks; else
+        interactive for a unary request of at most INTERACTIVE_MAX_INPUTS inputs, bulk for
+        streams and larger requests."""
+        if requested is not None:
+            return requested
+        if call.priority is not None:
+            return call.priority
+        if streamed or inputs > self.settings.interactive_max_inputs:
+            return Priority.BULK
+        return Priority.INTERACTIVE
+
+    async def embed(self, params: EmbedParams, call: Call = NO_CALL, wait: bool = False) -> EmbedResult:
+        """Returns one vector per input. With wait=True (streams) a full queue delays admission
+        and the work is bulk unless the request says otherwise; without, a full queue fails fast
+        with OverloadedError."""
         arrived = time.monotonic()
         model = self.registry.find(params.model, Capability.EMBED)
         validation.check_inputs(params.inputs, self.settings.max_inputs_per_request)
@@ -79,7 +96,8 @@ class Engine:
         prefix = validation.prompt_prefix(params, model.id, model.config)
         texts = [prefix + t for t in params.inputs] if prefix else list(params.inputs)
         tokenized, tokenize_s = await self._tokenize(model, texts, params.truncate)
-        rows, job = await self._run(model, tokenized, deadline, wait)
+        lane = self.lane(params.priority, call, len(params.inputs), streamed=wait)
+        rows, job = await self._run(model, tokenized, call, lane, wait)
         return EmbedResult(
             vectors=results.vectors(rows, params, model.config.normalize),
             model=model.id,
@@ -88,26 +106,27 @@ class Engine:
         )
 
     async def embed_stream(
-        self, requests: AsyncIterator[tuple[K, EmbedParams]], deadline: float | None = None
+        self, requests: AsyncIterator[tuple[K, EmbedParams]], call: Call = NO_CALL
     ) -> AsyncIterator[tuple[K, EmbedResult | Exception]]:
         """Answers a stream of embedding requests, each as soon as it is done, with its key;
         a failed request yields its error and the stream goes on. At most `stream_window`
         requests are read ahead of their answers, and a full queue delays admission."""
 
         async def answer(request: tuple[K, EmbedParams]) -> EmbedResult:
-            return await self.embed(request[1], deadline=deadline, wait=True)
+            return await self.embed(request[1], call, wait=True)
 
         async for (key, _), outcome in windowed(requests, answer, self.settings.stream_window):
             yield key, outcome
 
-    async def sparse_embed(self, params: SparseParams, deadline: float | None = None) -> SparseResult:
+    async def sparse_embed(self, params: SparseParams, call: Call = NO_CALL) -> SparseResult:
         """Returns one SPLADE vector per input, optionally cut to its top_k or heaviest terms."""
         arrived = time.monotonic()
         model = self.registry.find(params.model, Capability.SPARSE_EMBED)
         validation.check_inputs(params.inputs, self.settings.max_inputs_per_request)
         validation.check_sparse(params)
         tokenized, tokenize_s = await self._tokenize(model, list(params.inputs), params.truncate)
-        rows, job = await self._run(model, tokenized, deadline, wait=False)
+        lane = self.lane(params.priority, call, len(params.inputs))
+        rows, job = await self._run(model, tokenized, call, lane, wait=False)
         vectors = [results.select_terms(row, params, model.tokenizer) for row in rows]
         return SparseResult(
             vectors=vectors,
@@ -116,17 +135,18 @@ class Engine:
             timing=results.timing(arrived, tokenize_s, job),
         )
 
-    async def rerank(self, params: RerankParams, deadline: float | None = None) -> RerankResult:
+    async def rerank(self, params: RerankParams, call: Call = NO_CALL) -> RerankResult:
         """Scores documents against the query with a cross-encoder, or by cosine similarity
         with a dense model; returns them highest first."""
         arrived = time.monotonic()
         model = self.registry.find(params.model, Capability.RERANK)
         validation.check_rerank(params, self.settings.max_inputs_per_request)
+        lane = self.lane(params.priority, call, len(params.documents))
         if is_kind(model, RERANK):
             tokenized, tokenize_s = await self._tokenize(
                 model, params.documents, params.truncate, params.query, "documents[{}]".format
             )
-            logits, job = await self._run(model, tokenized, deadline, wait=False)
+            logits, job = await self._run(model, tokenized, call, lane, wait=False)
             scores = results.cross_encoder_scores(logits, params.raw_scores)
         else:  # bi-encoder: cosine between the query's vector and each document's
             query_prompt, document_prompt = validation.document_prompts(model.config)
@@ -134,7 +154,7 @@ class Engine:
             tokenized, tokenize_s = await self._tokenize(
                 model, texts, params.truncate, name=lambda i: "the query" if i == 0 else f"documents[{i - 1}]"
             )
-            rows, job = await self._run(model, tokenized, deadline, wait=False)
+            rows, job = await self._run(model, tokenized, call, lane, wait=False)
             scores = results.cosine_scores(rows)
         return RerankResult(
             results=results.ranking(scores, params),
@@ -176,10 +196,10 @@ class Engine:
 
     @staticmethod
     async def _run(
-        model: ServedModel[R], tokenized: Tokenized, deadline: float | None, wait: bool
+        model: ServedModel[R], tokenized: Tokenized, call: Call, lane: Priority, wait: bool
     ) -> tuple[list[R], Job[Encoding, R]]:
         """Queues the inputs on the model's scheduler and awaits one result per input."""
-        job: Job[Encoding, R] = Job(tokenized.encodings, tokenized.lengths, deadline)
+        job: Job[Encoding, R] = Job(tokenized.encodings, tokenized.lengths, call.deadline, lane, call.tenant)
         if wait:
             await model.scheduler.submit(job)
         else:

@@ -12,8 +12,9 @@ from tokenizers import Encoding
 
 from embedserve.backends import Backend, load_backend
 from embedserve.backends.config import ModelConfig, load_model_config
+from embedserve.engine.cost import BatchCost, calibrate
 from embedserve.engine.kinds import DENSE, KINDS, SPARSE, KindSpec, serving
-from embedserve.engine.scheduler import BatchLimits, Scheduler
+from embedserve.engine.scheduler import BatchLimits, Lanes, Scheduler
 from embedserve.engine.tokenizer import TextTokenizer
 from embedserve.engine.types import ModelDescription
 from embedserve.errors import ConfigError, ModelNotFoundError, Words, WrongModelKindError
@@ -148,12 +149,29 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
     backend = load_backend(
         config, kind.graph, wanted.backend, wanted.dtype, settings.cache_dir, settings.intra_op_threads
     )
+    cost = BatchCost()
+    calibrating = time.monotonic()
+    cost.calibrate(calibrate(backend, wanted.batch_size, config.max_input_tokens, settings.max_batch_tokens))
     limits = BatchLimits(
         max_batch_size=wanted.batch_size,
         max_batch_tokens=settings.max_batch_tokens,
-        batch_overhead_tokens=backend.info.batch_overhead_tokens,
+        batch_overhead_tokens=cost.overhead_tokens() or backend.info.batch_overhead_tokens,
     )
-    scheduler = Scheduler(wanted.name, kind.runner(tokenizer, backend, config), limits, settings.queue_size)
+    log.info(
+        "model %s: forward pass costs %s (measured in %.1f s; overhead %d token-equivalents per batch)",
+        wanted.name,
+        cost.describe(),
+        time.monotonic() - calibrating,
+        limits.batch_overhead_tokens,
+    )
+    scheduler = Scheduler(
+        wanted.name,
+        kind.runner(tokenizer, backend, config),
+        limits,
+        settings.queue_size,
+        lanes=lanes(settings),
+        cost=cost,
+    )
     info = backend.info
     log.info(
         "loaded model %s (%s, %s, max %d tokens) from %s: backend %s, provider %s, dtype %s, batch %d, in %.1f s",
@@ -169,3 +187,12 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
         time.monotonic() - started,
     )
     return ServedModel(wanted.name, kind, config, tokenizer, backend, scheduler, wanted.batch_size, time.time())
+
+
+def lanes(settings: Settings) -> Lanes:
+    """How interactive and bulk work share each model."""
+    return Lanes(
+        bulk_batch_s=settings.bulk_batch_ms / 1e3 if settings.bulk_batch_ms > 0 else None,
+        hold_s=settings.interactive_hold,
+        bulk_min_share=settings.bulk_min_share,
+    )

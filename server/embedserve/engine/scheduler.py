@@ -1,6 +1,13 @@
 """Per-model dynamic batching: a bounded queue of items from all requests, cut into
 length-sorted batches under a size and a token budget, run one at a time in a worker thread.
 
+Two lanes: interactive work (a few inputs a caller waits on) goes first, in the next batch the
+worker starts; bulk work fills the rest. While interactive work may arrive, bulk batches are cut
+to a time target (measured by `BatchCost`), and a bulk batch handed to the worker but not yet
+started gives its place back to an interactive one, so a query waits for at most one short
+batch. Bulk keeps a minimum share of the forward time under an interactive flood, and windows
+give equal shares to every tenant, then to every job of a tenant.
+
 Knows nothing of protobuf or models: items are opaque, each with a length in tokens, and a
 `run_batch` callable turns a list of items into one result per item.
 """
@@ -9,14 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from embedserve.engine.batching import BatchLimits, cut_batches, window_shares
+from embedserve.engine.cost import BatchCost
+from embedserve.engine.types import Priority
 from embedserve.errors import (
     CancelledRequestError,
     DeadlineExpiredError,
@@ -30,34 +42,39 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+__all__ = ["BatchLimits", "Job", "Lanes", "Scheduler"]
+
 
 @dataclass(frozen=True)
-class BatchLimits:
-    """How big one forward pass may be."""
+class Lanes:
+    """How interactive and bulk work share the model."""
 
-    max_batch_size: int
-    max_batch_tokens: int
-    # Whether a batch costs longest x size (padded) or the sum of lengths (a backend that packs
-    # inputs without padding, as TEI's flash-attention ones do; none of ours does today).
-    padded: bool = True
-    # From the backend: what one more batch costs beyond its tokens, in token-equivalents.
-    batch_overhead_tokens: int = 32
-    # A window of up to this many batches' worth of waiting items is sorted by length
-    # before batches are cut from it; larger = less padding, coarser fairness.
-    window_batches: int = 4
-
-    def cost(self, longest: int, total: int, count: int) -> int:
-        """Tokens a batch of `count` items costs the backend."""
-        return longest * count if self.padded else total
+    # While interactive work may arrive, a bulk batch is cut to take at most this long (None: no
+    # limit); bulk runs at full batch size when no interactive request came for `hold_s`.
+    bulk_batch_s: float | None = None
+    hold_s: float = 5.0
+    # Share of the forward time bulk keeps while both lanes have work.
+    bulk_min_share: float = 0.2
+    # Time constant of the forward-time shares, in seconds.
+    share_window_s: float = 1.0
 
 
 class Job(Generic[T, R]):
     """One request's items for one model, and the future its caller awaits."""
 
-    def __init__(self, items: Sequence[T], lengths: Sequence[int], deadline: float | None = None) -> None:
+    def __init__(
+        self,
+        items: Sequence[T],
+        lengths: Sequence[int],
+        deadline: float | None = None,
+        priority: Priority = Priority.BULK,
+        tenant: str = "",
+    ) -> None:
         if len(items) != len(lengths) or not items:
             raise ValueError("a job needs one length per item and at least one item")
         self.items = items
+        self.priority = priority
+        self.tenant = tenant  # who sent it: windows give every tenant an equal share
         self.lengths = lengths
         self.size = len(items)
         self.deadline = deadline  # time.monotonic() value, or None
@@ -85,6 +102,15 @@ class Job(Generic[T, R]):
 Item = tuple[Job[T, R], int]
 
 
+@dataclass
+class Handed(Generic[T, R]):
+    """A batch handed to the worker thread, and the future of its run."""
+
+    batch: list[Item[T, R]]
+    lane: Priority
+    future: concurrent.futures.Future[tuple[Sequence[R], float, float]]
+
+
 class Scheduler(Generic[T, R]):
     """Batches items of many jobs for one model and runs them in a worker thread."""
 
@@ -96,17 +122,27 @@ class Scheduler(Generic[T, R]):
         queue_size: int,
         pipeline_depth: int = 2,
         on_failure: Callable[[BaseException], None] | None = None,
+        lanes: Lanes | None = None,
+        cost: BatchCost | None = None,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
         self.limits = limits
         self.queue_size = queue_size
+        self.lanes = lanes or Lanes()
+        # Measured forward-pass times by batch shape; bulk batches are cut to lanes.bulk_batch_s.
+        self.cost = cost or BatchCost()
         # Batches handed to the worker thread at once: the next one is ready to run the
         # moment the current one ends, so the device never waits for the event loop.
         self._depth = pipeline_depth
         self.on_failure = on_failure
-        self._waiting: collections.deque[Job[T, R]] = collections.deque()  # items not yet in a window
-        self._ready: collections.deque[list[Item[T, R]]] = collections.deque()  # batches cut, not started
+        lanes_ = tuple(Priority)
+        self._waiting: dict[Priority, collections.deque[Job[T, R]]] = {p: collections.deque() for p in lanes_}
+        self._ready: dict[Priority, collections.deque[list[Item[T, R]]]] = {p: collections.deque() for p in lanes_}
+        self._inflight: collections.deque[Handed[T, R]] = collections.deque()  # handed to the worker
+        self._busy_s = {p: 0.0 for p in lanes_}  # forward time per lane, decaying (share_window_s)
+        self._busy_at = time.monotonic()
+        self._last_interactive = -math.inf
         self._live: set[Job[T, R]] = set()
         self._queued = 0  # admitted items not yet computed or dropped
         self._space_waiters: collections.deque[tuple[Job[T, R], asyncio.Future[None]]] = collections.deque()
@@ -132,7 +168,9 @@ class Scheduler(Generic[T, R]):
     def submit_nowait(self, job: Job[T, R]) -> None:
         """Admits a job or fails fast with OverloadedError when the queue cannot take it."""
         self._check_healthy()
-        if self._queued + job.size > self.queue_size or self._space_waiters:
+        # Bulk waiters queue first come, first served; an interactive job that fits goes ahead.
+        waiting_first = bool(self._space_waiters) and job.priority is Priority.BULK
+        if self._queued + job.size > self.queue_size or waiting_first:
             raise OverloadedError(
                 f"model {self.name} has {self._queued} inputs queued and takes at most "
                 f"{self.queue_size}: retry later with backoff, or send fewer inputs at once"
@@ -165,7 +203,10 @@ class Scheduler(Generic[T, R]):
     def _admit(self, job: Job[T, R]) -> None:
         self._queued += job.size
         self._live.add(job)
-        self._waiting.append(job)
+        self._waiting[job.priority].append(job)
+        if job.priority is Priority.INTERACTIVE:
+            self._last_interactive = time.monotonic()
+            self._refill()  # into the worker's next slot now, ahead of a bulk batch parked there
         self._wakeup.set()
 
     def _wake_space_waiters(self) -> None:
@@ -201,12 +242,12 @@ class Scheduler(Generic[T, R]):
 
     # -- batching ----------------------------------------------------------------------
 
-    def _cut_window(self) -> list[Item[T, R]]:
-        """Takes up to a window of items, an equal share from every waiting job, so a small
-        request behind a large one waits for one window, not for the whole large one."""
+    def _cut_window(self, lane: Priority) -> list[Item[T, R]]:
+        """Takes up to a window of a lane's items, a fair share from every waiting job (`window_shares`),
+        so a small request behind a large one waits for one window, not for the whole large one."""
         now = time.monotonic()
         jobs = []
-        for job in self._waiting:
+        for job in self._waiting[lane]:
             if job not in self._live:
                 continue
             if job.expired(now):
@@ -214,78 +255,66 @@ class Scheduler(Generic[T, R]):
                 continue
             jobs.append(job)
         room = self.limits.max_batch_size * self.limits.window_batches
-        takes = {job: 0 for job in jobs}
-        active = jobs
-        while room > 0 and active:
-            share = max(1, room // len(active))
-            still = []
-            for job in active:
-                left = job.size - job.cursor - takes[job]
-                n = min(share, left, room)
-                takes[job] += n
-                room -= n
-                if left > n:
-                    still.append(job)
-                if room == 0:
-                    break
-            active = still
         window: list[Item[T, R]] = []
-        for job in jobs:
-            n = takes[job]
+        for job, n in zip(jobs, window_shares(jobs, room), strict=True):
             window.extend((job, pos) for pos in job.order[job.cursor : job.cursor + n])
             job.cursor += n
-        self._waiting = collections.deque(job for job in jobs if job.cursor < job.size)
+        self._waiting[lane] = collections.deque(job for job in jobs if job.cursor < job.size)
         return window
 
     def _cut_batches(self, window: list[Item[T, R]]) -> list[list[Item[T, R]]]:
-        """Sorts a window by length and cuts it where the total cost is least: padded tokens
-        plus the backend's fixed cost per batch, within the size and token budget."""
+        """Sorts a window (of one lane) by length and cuts it where the total cost is least
+        (`cut_batches`); bulk batches within the time target while interactive work may arrive."""
         window.sort(key=lambda item: item[0].lengths[item[1]])
         lengths = [job.lengths[pos] for job, pos in window]
-        limits = self.limits
-        count = len(window)
-        # best[j]: least cost of batching the first j items; cut[j]: where its last batch starts.
-        best = [0] + [0] * count
-        cut = [0] * (count + 1)
-        for end in range(1, count + 1):
-            longest = lengths[end - 1]  # sorted: the last item of a batch is its longest
-            best_cost = -1
-            total = 0
-            for start in range(end - 1, max(-1, end - 1 - limits.max_batch_size), -1):
-                total += lengths[start]
-                size = end - start
-                tokens = limits.cost(longest, total, size)
-                if tokens > limits.max_batch_tokens and size > 1:
-                    break
-                cost = best[start] + tokens + limits.batch_overhead_tokens
-                if best_cost < 0 or cost <= best_cost:  # ties go to the larger batch
-                    best_cost, cut[end] = cost, start
-            best[end] = best_cost
-        batches: list[list[Item[T, R]]] = []
-        end = count
-        while end > 0:
-            batches.append(window[cut[end] : end])
-            end = cut[end]
-        batches.reverse()
-        return batches
+        fits = self._fits(window[0][0].priority)
+        return [window[start:end] for start, end in cut_batches(lengths, self.limits, fits)]
 
-    def _next_batch(self) -> list[Item[T, R]] | None:
-        """Returns the next batch to run, without items of jobs that are gone or expired."""
+    def _fits(self, lane: Priority) -> Callable[[int, int], bool] | None:
+        target = self.lanes.bulk_batch_s
+        recent = time.monotonic() - self._last_interactive < self.lanes.hold_s
+        if lane is Priority.INTERACTIVE or target is None or not recent or not self.cost.known:
+            return None
+        return lambda count, longest: self.cost.seconds(count, longest) <= target
+
+    def _next_batch(self, lane: Priority) -> list[Item[T, R]] | None:
+        """Returns a lane's next batch to run, without items of jobs that are gone or expired."""
         now = time.monotonic()
+        ready = self._ready[lane]
         while True:
-            if not self._ready:
-                window = self._cut_window()
+            if not ready:
+                window = self._cut_window(lane)
                 if not window:
                     return None
-                self._ready.extend(self._cut_batches(window))
+                ready.extend(self._cut_batches(window))
             batch = []
-            for job, pos in self._ready.popleft():
+            for job, pos in ready.popleft():
                 if job in self._live and job.expired(now):
                     self._retire(job, DeadlineExpiredError("the deadline passed while the request was queued"))
                 if job in self._live:
                     batch.append((job, pos))
             if batch:
                 return batch
+
+    def _has_work(self, lane: Priority) -> bool:
+        return bool(self._ready[lane]) or any(job in self._live for job in self._waiting[lane])
+
+    def _lanes_in_order(self) -> tuple[Priority, Priority]:
+        """Interactive first, unless bulk has work and is below its minimum share."""
+        if self._has_work(Priority.BULK) and self._bulk_share() < self.lanes.bulk_min_share:
+            return Priority.BULK, Priority.INTERACTIVE
+        return Priority.INTERACTIVE, Priority.BULK
+
+    def _bulk_share(self) -> float:
+        self._decay_busy(time.monotonic())
+        total = sum(self._busy_s.values())
+        return 1.0 if total == 0 else self._busy_s[Priority.BULK] / total
+
+    def _decay_busy(self, now: float) -> None:
+        factor = math.exp(-(now - self._busy_at) / self.lanes.share_window_s)
+        self._busy_at = now
+        for lane in self._busy_s:
+            self._busy_s[lane] *= factor
 
     # -- the worker --------------------------------------------------------------------
 
@@ -299,32 +328,56 @@ class Scheduler(Generic[T, R]):
         results = self._run_batch(items)
         return results, started, time.monotonic()
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        inflight: collections.deque[tuple[list[Item[T, R]], asyncio.Future[tuple[Sequence[R], float, float]]]]
-        inflight = collections.deque()
-        while True:
-            while len(inflight) < self._depth:
-                batch = self._next_batch()
-                if batch is None:
+    def _refill(self) -> None:
+        """Hands batches to the worker up to the pipeline depth. An interactive batch takes the
+        place of a bulk batch handed over but not started, which goes back to the front of its lane."""
+        if self._task is None or self.failure is not None:
+            return
+        if len(self._inflight) > 1 and self._has_work(Priority.INTERACTIVE):
+            parked = self._inflight[-1]
+            if parked.lane is Priority.BULK and parked.future.cancel():
+                self._inflight.pop()
+                self._ready[Priority.BULK].appendleft(parked.batch)
+        while len(self._inflight) < self._depth:
+            for lane in self._lanes_in_order():
+                batch = self._next_batch(lane)
+                if batch is not None:
+                    items = [job.items[pos] for job, pos in batch]
+                    future = self._executor.submit(self._timed_run, items)
+                    self._inflight.append(Handed(batch, lane, future))
                     break
-                items = [job.items[pos] for job, pos in batch]
-                inflight.append((batch, loop.run_in_executor(self._executor, self._timed_run, items)))
-            if not inflight:
+            else:
+                return
+
+    async def _loop(self) -> None:
+        while True:
+            self._refill()
+            if not self._inflight:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch, future = inflight.popleft()
+            head = self._inflight[0]
             try:
-                results, started, ended = await future
-                if len(results) != len(batch):
-                    raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} inputs")
+                results, started, ended = await asyncio.wrap_future(head.future)
+                if len(results) != len(head.batch):
+                    raise RuntimeError(f"backend returned {len(results)} results for {len(head.batch)} inputs")
             except Exception as exc:
+                self._inflight.popleft()
                 log.exception("forward pass failed for model %s", self.name)
-                for job in {job for job, _ in batch}:
+                for job in {job for job, _ in head.batch}:
                     self._retire(job, EngineFailedError(f"the forward pass of model {self.name} failed: {exc!r}"))
                 continue
-            self._deliver(batch, results, started, ended)
+            self._inflight.popleft()
+            self._account(head, started, ended)
+            self._deliver(head.batch, results, started, ended)
+
+    def _account(self, handed: Handed[T, R], started: float, ended: float) -> None:
+        """Feeds a finished batch's time to the cost model and the lanes' shares."""
+        batch = handed.batch
+        longest = max(job.lengths[pos] for job, pos in batch)
+        self.cost.observe(len(batch), longest, ended - started)
+        self._decay_busy(ended)
+        self._busy_s[handed.lane] += ended - started
 
     def _deliver(self, batch: list[Item[T, R]], results: Sequence[R], started: float, ended: float) -> None:
         touched = set()
@@ -351,6 +404,8 @@ class Scheduler(Generic[T, R]):
         if not task.cancelled():
             log.critical("batching loop of model %s crashed", self.name, exc_info=error)
         self.failure = error
+        for handed in self._inflight:
+            handed.future.cancel()
         for job in list(self._live):
             self._retire(job, EngineFailedError(f"the worker for model {self.name} stopped: {error!r}"))
         self._wake_space_waiters()

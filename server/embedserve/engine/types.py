@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
 
 from embedserve.kinds import Capability, ModelKind
+
+
+class Priority(StrEnum):
+    """Which lane a request's work takes on the model."""
+
+    INTERACTIVE = "interactive"  # a caller waits on a few inputs: first, in short batches
+    BULK = "bulk"  # streams and large requests: the rest of the model's time, in fair shares
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the transport knows of a request beyond its message."""
+
+    deadline: float | None = None  # time.monotonic() value; None: the caller set none
+    tenant: str = ""  # who sent it (an API key's fingerprint): tenants get equal shares of bulk
+    priority: Priority | None = None  # the lane its metadata asks for; one in the message wins
 
 
 @dataclass(frozen=True)
@@ -21,6 +38,7 @@ class EmbedParams:
     truncate: bool = True
     prompt_name: str = ""
     prompt: str | None = None
+    priority: Priority | None = None  # None: the server decides (Engine.lane)
 
 
 @dataclass(frozen=True)
@@ -33,6 +51,7 @@ class SparseParams:
     top_k: int | None = None
     min_weight: float | None = None
     return_tokens: bool = False
+    priority: Priority | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +65,7 @@ class RerankParams:
     return_documents: bool = False
     raw_scores: bool = False
     truncate: bool = True
+    priority: Priority | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from embedserve import convert
 from embedserve.engine.engine import Engine
 from embedserve.engine.types import EmbedParams
-from embedserve.services.rpc import Context, deadline, status, unary
+from embedserve.errors import EmbedServeError
+from embedserve.services.rpc import Context, call, status, unary
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -22,7 +23,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
 
     @unary
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
-        result = await self._engine.embed(convert.embed_params(request), deadline=deadline(context))
+        result = await self._engine.embed(convert.embed_params(request), call(context))
         return convert.embed_response(result, request.encoding)
 
     async def EmbedStream(
@@ -32,7 +33,11 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             async for message in request_iterator:
                 yield message, convert.embed_params(message.request)
 
-        async for message, outcome in self._engine.embed_stream(requests(), deadline=deadline(context)):
+        try:
+            caller = call(context)
+        except EmbedServeError as exc:  # a malformed priority header: the stream never starts
+            await context.abort(*status(exc, "EmbedStream", self.words))
+        async for message, outcome in self._engine.embed_stream(requests(), caller):
             if isinstance(outcome, Exception):
                 yield convert.stream_error(message.id, *status(outcome, "EmbedStream", self.words))
             else:
@@ -41,12 +46,12 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
 
     @unary
     async def SparseEmbed(self, request: pb.SparseEmbedRequest, context: Context) -> pb.SparseEmbedResponse:
-        result = await self._engine.sparse_embed(convert.sparse_params(request), deadline=deadline(context))
+        result = await self._engine.sparse_embed(convert.sparse_params(request), call(context))
         return convert.sparse_response(result)
 
     @unary
     async def Rerank(self, request: pb.RerankRequest, context: Context) -> pb.RerankResponse:
-        result = await self._engine.rerank(convert.rerank_params(request), deadline=deadline(context))
+        result = await self._engine.rerank(convert.rerank_params(request), call(context))
         return convert.rerank_response(result)
 
     @unary

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from embedserve import convert
 from embedserve.engine.engine import Engine
-from embedserve.services.rpc import Context, deadline, unary
+from embedserve.services.rpc import Context, call, unary
 from embedserve.v1 import openai_service_pb2 as rest
 from embedserve.v1 import openai_service_pb2_grpc as rest_grpc
 
@@ -22,19 +22,19 @@ class OpenAIService(rest_grpc.OpenAIServiceServicer):
         self, request: rest.CreateEmbeddingsRequest, context: Context
     ) -> rest.CreateEmbeddingsResponse:
         encoding = convert.encoding_format(request)
-        result = await self._engine.embed(convert.embed_params(request), deadline=deadline(context))
+        result = await self._engine.embed(convert.embed_params(request), call(context))
         return convert.rest_embeddings_response(result, encoding)
 
     @unary
     async def CreateSparseEmbeddings(
         self, request: rest.CreateSparseEmbeddingsRequest, context: Context
     ) -> rest.CreateSparseEmbeddingsResponse:
-        result = await self._engine.sparse_embed(convert.sparse_params(request), deadline=deadline(context))
+        result = await self._engine.sparse_embed(convert.sparse_params(request), call(context))
         return convert.rest_sparse_response(result)
 
     @unary
     async def CreateRerank(self, request: rest.CreateRerankRequest, context: Context) -> rest.CreateRerankResponse:
-        result = await self._engine.rerank(convert.rerank_params(request), deadline=deadline(context))
+        result = await self._engine.rerank(convert.rerank_params(request), call(context))
         return convert.rest_rerank_response(result, request.return_documents)
 
     @unary

@@ -1,8 +1,10 @@
-"""What every handler shares: deadlines and the one way errors become status codes."""
+"""What every handler shares: what a call says beyond its message (deadline, tenant, priority)
+and the one way errors become status codes."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -10,7 +12,8 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from embedserve.errors import EmbedServeError, Words, status_for
+from embedserve.engine.types import Call, Priority
+from embedserve.errors import EmbedServeError, InvalidInputError, Words, status_for
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +27,44 @@ class Servicer(Protocol):
     words: Words
 
 
-# What a handler uses of its call: the deadline and abort, whatever the message types.
+# What a handler uses of its call: deadline, metadata and abort, whatever the message types.
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
 
 
-def deadline(context: Context) -> float | None:
-    """The caller's deadline on the monotonic clock, or None when it set none."""
+# Metadata (an HTTP header through Envoy) that asks for a lane: "interactive" or "bulk".
+PRIORITY_HEADER = "x-embedserve-priority"
+
+
+def call(context: Context) -> Call:
+    """What the call says beyond its message: its deadline on the monotonic clock, who sent it
+    (a fingerprint of its bearer key, never the key) and the lane its metadata asks for."""
     remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+    metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
+    return Call(
+        deadline=None if remaining is None else time.monotonic() + remaining,
+        tenant=_tenant(metadata.get("authorization")),
+        priority=_priority(metadata.get(PRIORITY_HEADER)),
+    )
+
+
+def _tenant(authorization: str | bytes | None) -> str:
+    if not authorization:
+        return ""
+    token = authorization if isinstance(authorization, bytes) else authorization.encode()
+    return hashlib.sha256(token).hexdigest()[:16]
+
+
+def _priority(value: str | bytes | None) -> Priority | None:
+    if value is None:
+        return None
+    name = (value.decode(errors="replace") if isinstance(value, bytes) else value).strip().lower()
+    try:
+        return Priority(name)
+    except ValueError:
+        raise InvalidInputError(
+            f"{PRIORITY_HEADER} must be {' or '.join(p.value for p in Priority)}, got {name[:40]!r}"
+        ) from None
 
 
 def status(error: Exception, rpc: str, words: Words) -> tuple[grpc.StatusCode, str]:
