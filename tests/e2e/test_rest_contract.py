@@ -175,3 +175,18 @@ def test_health_is_200_while_the_server_serves_and_503_without_one(http: httpx.C
         assert down.json()["error"]["type"] == "server_error"
     finally:
         orphan.stop()
+
+
+def test_the_priority_header_reaches_the_server_through_envoy(
+    http: httpx.Client, server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.integration.test_embed import LaneRecorder
+
+    lanes = LaneRecorder(server, monkeypatch)
+    body = {"model": DEFAULT_DENSE_MODEL, "input": ["a short query"]}
+    assert http.post("/v1/embeddings", json=body).status_code == 200
+    assert http.post("/v1/embeddings", json=body, headers={"x-embedserve-priority": "bulk"}).status_code == 200
+    bad = http.post("/v1/embeddings", json=body, headers={"x-embedserve-priority": "urgent"})
+    assert bad.status_code == 400
+    assert "x-embedserve-priority must be interactive or bulk" in bad.json()["error"]["message"]
+    assert [lane for lane, _ in lanes.jobs] == ["interactive", "bulk"]

@@ -153,3 +153,17 @@ def test_the_interceptor_reads_bytes_metadata_and_the_last_authorization_value()
 def test_an_interceptor_without_keys_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="at least one"):
         ApiKeyInterceptor(["", ""], [SERVICE_NAME])
+
+
+def test_each_api_key_is_its_own_tenant_named_by_a_fingerprint_not_the_key(
+    keyed_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.integration.test_embed import LaneRecorder
+
+    lanes = LaneRecorder(keyed_server, monkeypatch)
+    stub = keyed_server.stub()
+    for key in (*KEYS, KEYS[0]):
+        stub.Embed(pb.EmbedRequest(inputs=["x"]), metadata=bearer(key))
+    tenants = [tenant for _, tenant in lanes.jobs]
+    assert tenants[0] == tenants[2] != tenants[1]
+    assert all(tenant and key not in tenant for tenant in tenants for key in KEYS)

@@ -258,3 +258,69 @@ def test_cancelled_stream_drops_its_queued_work(server: RunningServer) -> None:
     while scheduler.queued > 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert scheduler.queued == 0
+
+
+class LaneRecorder:
+    """Records the lane and tenant of every job the default dense model's scheduler admits."""
+
+    def __init__(self, server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
+        self.jobs: list[tuple[str, str]] = []
+        real_nowait, real_submit = scheduler.submit_nowait, scheduler.submit
+
+        def submit_nowait(job: Any) -> None:
+            self.jobs.append((job.priority.value, job.tenant))
+            real_nowait(job)
+
+        async def submit(job: Any) -> None:
+            self.jobs.append((job.priority.value, job.tenant))
+            await real_submit(job)
+
+        monkeypatch.setattr(scheduler, "submit_nowait", submit_nowait)
+        monkeypatch.setattr(scheduler, "submit", submit)
+
+
+def test_small_unary_requests_are_interactive_and_streams_and_large_ones_bulk(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lanes = LaneRecorder(server, monkeypatch)
+    stub = server.stub()
+    limit = server.settings.interactive_max_inputs
+    stub.Embed(pb.EmbedRequest(inputs=["a query"] * limit))
+    stub.Embed(pb.EmbedRequest(inputs=["a document"] * (limit + 1)))
+    list(stub.EmbedStream(iter([pb.EmbedStreamRequest(id="0", request=pb.EmbedRequest(inputs=["x"]))])))
+    assert [lane for lane, _ in lanes.jobs] == ["interactive", "bulk", "bulk"]
+
+
+def test_the_priority_field_then_the_metadata_choose_the_lane(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lanes = LaneRecorder(server, monkeypatch)
+    stub = server.stub()
+    expected = decode(stub.Embed(pb.EmbedRequest(inputs=["same text"])))
+    bulk = stub.Embed(pb.EmbedRequest(inputs=["same text"], priority=pb.PRIORITY_BULK))
+    by_header = stub.Embed(pb.EmbedRequest(inputs=["same text"]), metadata=(("x-embedserve-priority", "Bulk"),))
+    field_wins = stub.Embed(
+        pb.EmbedRequest(inputs=["same text"] * 100, priority=pb.PRIORITY_INTERACTIVE),
+        metadata=(("x-embedserve-priority", "bulk"),),
+    )
+    assert [lane for lane, _ in lanes.jobs] == ["interactive", "bulk", "bulk", "interactive"]
+    for response in (bulk, by_header):
+        np.testing.assert_array_equal(decode(response), expected)
+    assert len(field_wins.embeddings) == 100
+
+
+def test_a_malformed_priority_header_is_invalid_argument_naming_the_values(server: RunningServer) -> None:
+    metadata = (("x-embedserve-priority", "urgent"),)
+    with pytest.raises(grpc.RpcError) as unary:
+        server.stub().Embed(pb.EmbedRequest(inputs=["x"]), metadata=metadata)
+    stream = server.stub().EmbedStream(
+        iter([pb.EmbedStreamRequest(id="0", request=pb.EmbedRequest(inputs=["x"]))]), metadata=metadata
+    )
+    with pytest.raises(grpc.RpcError) as streamed:
+        list(stream)
+    for caught in (unary, streamed):
+        error = caught.value
+        assert isinstance(error, grpc.Call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "x-embedserve-priority must be interactive or bulk, got 'urgent'" in str(error.details())
