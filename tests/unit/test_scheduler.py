@@ -638,8 +638,10 @@ async def test_a_caller_cancelling_its_future_does_not_crash_the_loop(make_sched
 # -- lanes: interactive and bulk ----------------------------------------------------------
 
 
-def job(tag: str, lengths: Sequence[int], priority: Priority = Priority.BULK, tenant: str = "") -> Job[Item, str]:
-    return Job([Item(tag, i, n) for i, n in enumerate(lengths)], list(lengths), None, priority, tenant)
+def job(
+    tag: str, lengths: Sequence[int], priority: Priority = Priority.BULK, tenant: str = "", flow: object = None
+) -> Job[Item, str]:
+    return Job([Item(tag, i, n) for i, n in enumerate(lengths)], list(lengths), None, priority, tenant, flow)
 
 
 def query(tag: str) -> Job[Item, str]:
@@ -725,6 +727,22 @@ async def test_two_tenants_share_the_bulk_lane_equally_whatever_their_streams(ma
     # When b's 200 inputs are done, a has had about as many: equal shares per tenant.
     assert 0.8 * 200 <= done_by_a <= 1.25 * 200 + 16
     for j in a_jobs:
+        assert await result_of(j) == expected(j)
+
+
+async def test_two_streams_share_equally_whatever_their_requests_in_flight(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(max_batch_size=8, window_batches=2)
+    h.backend.hold()
+    deep, shallow = object(), object()  # two streams of one tenant: 4 requests in flight vs 1
+    deep_jobs = [job(f"d{i}", [10] * 200, flow=deep) for i in range(4)]
+    shallow_job = job("s0", [10] * 200, flow=shallow)
+    for j in [*deep_jobs, shallow_job]:
+        h.scheduler.submit_nowait(j)
+    h.backend.release()
+    await result_of(shallow_job)
+    done_by_deep = sum(len(h.backend.items_of(j.items[0].job)) for j in deep_jobs)
+    assert 0.8 * 200 <= done_by_deep <= 1.25 * 200 + 16
+    for j in deep_jobs:
         assert await result_of(j) == expected(j)
 
 

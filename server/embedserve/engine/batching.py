@@ -1,4 +1,4 @@
-"""Cutting batches: a window of waiting items taken in fair shares (per tenant, then per job),
+"""Cutting batches: a window of waiting items taken in fair shares (per tenant, per stream, per job),
 sorted by length, and cut where padding plus the cost of another forward pass is least."""
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ class BatchLimits:
 
 
 class Waiting(Protocol):
-    """What window cutting reads of a job: who sent it and how many of its items are left."""
+    """What window cutting reads of a job: who sent it, on which stream (any hashable that is
+    the same for the jobs of one stream, and unique to a unary request), how many items are left."""
 
     tenant: str
+    flow: object
     size: int
     cursor: int
 
@@ -57,16 +59,23 @@ def water_fill(wants: Sequence[int], room: int) -> list[int]:
 
 
 def window_shares(jobs: Sequence[Waiting], room: int) -> list[int]:
-    """How many items each job gives the next window: equal shares per tenant, then equal
-    shares per job within a tenant, so one tenant's many streams cannot crowd out another's."""
-    tenants: dict[str, list[int]] = {}
-    for i, job in enumerate(jobs):
-        tenants.setdefault(job.tenant, []).append(i)
-    left = [job.size - job.cursor for job in jobs]
-    takes = [0] * len(jobs)
-    tenant_rooms = water_fill([sum(left[i] for i in members) for members in tenants.values()], room)
-    for members, tenant_room in zip(tenants.values(), tenant_rooms, strict=True):
-        for i, n in zip(members, water_fill([left[i] for i in members], tenant_room), strict=True):
+    """How many items each job gives the next window: equal shares per tenant, then per stream
+    of a tenant, then per job of a stream, so neither one tenant's many streams nor one stream's
+    many requests in flight crowd out the others."""
+    return _nested_shares([(job.tenant, job.flow) for job in jobs], [job.size - job.cursor for job in jobs], room)
+
+
+def _nested_shares(keys: Sequence[tuple[object, ...]], left: Sequence[int], room: int) -> list[int]:
+    if not keys or not keys[0]:
+        return water_fill(left, room)
+    groups: dict[object, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key[0], []).append(i)
+    takes = [0] * len(keys)
+    rooms = water_fill([sum(left[i] for i in members) for members in groups.values()], room)
+    for members, group_room in zip(groups.values(), rooms, strict=True):
+        inner = _nested_shares([keys[i][1:] for i in members], [left[i] for i in members], group_room)
+        for i, n in zip(members, inner, strict=True):
             takes[i] = n
     return takes
 

@@ -199,7 +199,7 @@ class Engine:
         model: ServedModel[R], tokenized: Tokenized, call: Call, lane: Priority, wait: bool
     ) -> tuple[list[R], Job[Encoding, R]]:
         """Queues the inputs on the model's scheduler and awaits one result per input."""
-        job: Job[Encoding, R] = Job(tokenized.encodings, tokenized.lengths, call.deadline, lane, call.tenant)
+        job: Job[Encoding, R] = Job(tokenized.encodings, tokenized.lengths, call.deadline, lane, call.tenant, call)
         if wait:
             await model.scheduler.submit(job)
         else:

@@ -69,12 +69,14 @@ class Job(Generic[T, R]):
         deadline: float | None = None,
         priority: Priority = Priority.BULK,
         tenant: str = "",
+        flow: object | None = None,
     ) -> None:
         if len(items) != len(lengths) or not items:
             raise ValueError("a job needs one length per item and at least one item")
         self.items = items
         self.priority = priority
         self.tenant = tenant  # who sent it: windows give every tenant an equal share
+        self.flow = self if flow is None else flow  # its stream: then every stream of a tenant
         self.lengths = lengths
         self.size = len(items)
         self.deadline = deadline  # time.monotonic() value, or None

@@ -18,9 +18,10 @@ class Priority(StrEnum):
     BULK = "bulk"  # streams and large requests: the rest of the model's time, in fair shares
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Call:
-    """What the transport knows of a request beyond its message."""
+    """What the transport knows of a request beyond its message. One per RPC: the requests of
+    one stream share it, and the scheduler shares the model fairly between calls (identity)."""
 
     deadline: float | None = None  # time.monotonic() value; None: the caller set none
     tenant: str = ""  # who sent it (an API key's fingerprint): tenants get equal shares of bulk
