@@ -40,6 +40,7 @@ class BatchCost:
         self._base = (np.zeros((3, 3)), np.zeros(3), 0)  # startup measurements
         self._recent = (np.zeros((3, 3)), np.zeros(3))
         self._coefficients: np.ndarray | None = None
+        self._abc = (0.0, 0.0, 0.0)  # the coefficients, unscaled: seconds, per token, per token x length
 
     def calibrate(self, measured: list[Measured]) -> None:
         """Takes (count, longest, seconds) of batches run at startup."""
@@ -66,14 +67,15 @@ class BatchCost:
         if not xty.any():
             self._coefficients = None
             return
-        # lstsq: a run of batches of one shape alone leaves the system rank-deficient.
-        self._coefficients = np.clip(np.linalg.lstsq(xtx, xty, rcond=None)[0], 0.0, None)
+        self._coefficients = _non_negative_least_squares(xtx, xty)
+        a, b, c = (float(v) for v in self._coefficients * _SCALE)
+        self._abc = (a, b, c)
 
     def describe(self) -> str:
         """The fitted costs, for the startup log."""
         if self._coefficients is None:
             return "not measured"
-        a, b, c = (float(v) for v in self._coefficients * _SCALE)
+        a, b, c = self._abc
         return f"{a * 1e3:.2f} ms + {b * 1e6:.1f} us/token + {c * 1e9:.2f} ns/token/length"
 
     @property
@@ -85,14 +87,33 @@ class BatchCost:
         """Predicted seconds of a batch of `count` inputs padded to `longest` tokens (0 unknown)."""
         if self._coefficients is None:
             return 0.0
-        return float(_features(count, longest) @ self._coefficients)
+        a, b, c = self._abc
+        return a + (b + c * longest) * count * longest
 
     def overhead_tokens(self) -> int | None:
         """What one more forward pass costs beyond its tokens, in token-equivalents (a / b)."""
         if self._coefficients is None or self._coefficients[1] <= 0:
             return None
-        a, b, _ = (float(v) for v in self._coefficients * _SCALE)
+        a, b, _ = self._abc
         return max(1, round(a / b))
+
+
+def _non_negative_least_squares(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
+    """The least-squares coefficients, none negative (costs are never negative), from the normal
+    equations: the best of the fits restricted to each subset of the features (3 features, 7
+    subsets), so that a negative coefficient is not merely clipped, which skews the others."""
+    best, best_loss = np.zeros(3), 0.0
+    for mask in range(1, 8):
+        used = [i for i in range(3) if mask >> i & 1]
+        solved = np.linalg.lstsq(xtx[np.ix_(used, used)], xty[used], rcond=None)[0]
+        if (solved < 0).any():
+            continue
+        candidate = np.zeros(3)
+        candidate[used] = solved
+        loss = float(candidate @ xtx @ candidate - 2 * candidate @ xty)  # + y'y, the same for all
+        if loss < best_loss:
+            best, best_loss = candidate, loss
+    return best
 
 
 def calibrate(backend: Backend, max_batch_size: int, max_tokens: int, max_batch_tokens: int) -> list[Measured]:

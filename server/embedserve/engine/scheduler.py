@@ -380,6 +380,16 @@ class Scheduler(Generic[T, R]):
         self.cost.observe(len(batch), longest, ended - started)
         self._decay_busy(ended)
         self._busy_s[handed.lane] += ended - started
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "model %s: %s batch of %d (longest %d tokens) in %.1f ms, predicted %.1f ms",
+                self.name,
+                handed.lane.value,
+                len(batch),
+                longest,
+                (ended - started) * 1e3,
+                self.cost.seconds(len(batch), longest) * 1e3,
+            )
 
     def _deliver(self, batch: list[Item[T, R]], results: Sequence[R], started: float, ended: float) -> None:
         touched = set()
