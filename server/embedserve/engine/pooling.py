@@ -19,19 +19,19 @@ def pool(hidden: FloatArray, attention_mask: IntArray, mode: Pooling) -> FloatAr
         last = attention_mask.shape[1] - 1 - np.argmax(attention_mask[:, ::-1], axis=1)
         rows = hidden[np.arange(hidden.shape[0]), last, :]
         return np.ascontiguousarray(rows, dtype=np.float32)
-    mask = attention_mask[:, :, None].astype(np.float32)
+    weights = attention_mask.astype(np.float32)
     if mode == "max":
-        masked = np.where(mask > 0, hidden, np.float32(-1e9))
+        masked = np.where(weights[:, :, None] > 0, hidden, np.float32(-1e9))
         rows = masked.max(axis=1)
-        return rows.astype(np.float32)
-    summed: FloatArray = np.einsum("bth,bt->bh", hidden, attention_mask.astype(np.float32))
-    counts = np.clip(mask.sum(axis=1), 1e-9, None)
+        return rows.astype(np.float32, copy=False)
+    summed: FloatArray = np.einsum("bth,bt->bh", hidden, weights)
+    counts = np.clip(weights.sum(axis=1, keepdims=True), 1e-9, None)
     rows = summed / counts
-    return rows.astype(np.float32)
+    return rows.astype(np.float32, copy=False)
 
 
 def normalize(vectors: FloatArray) -> FloatArray:
     """Scales each row to unit L2 norm (rows of zeros stay zero)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     rows: FloatArray = vectors / np.clip(norms, 1e-12, None)
-    return rows.astype(np.float32)
+    return rows.astype(np.float32, copy=False)

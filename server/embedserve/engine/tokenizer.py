@@ -50,22 +50,28 @@ class TextTokenizer:
 
     def encode(self, texts: list[str]) -> Tokenized:
         """Tokenizes texts, cutting any longer than max_tokens. Releases the GIL while it works."""
-        encodings = self._truncating.encode_batch(texts)
-        truncated = [i for i, e in enumerate(encodings) if e.overflowing]
-        return Tokenized(encodings, [len(e.ids) for e in encodings], truncated)
+        # The fast variant skips the character offsets, which nothing here reads (~15% less CPU).
+        return self._tokenized(self._truncating.encode_batch_fast(texts))
 
     def encode_pairs(self, query: str, documents: list[str]) -> Tokenized:
         """Tokenizes (query, document) pairs, cutting documents so each pair fits max_tokens."""
         try:
-            encodings = self._pairs.encode_batch([(query, document) for document in documents])
+            encodings = self._pairs.encode_batch_fast([(query, document) for document in documents])
         except Exception as exc:  # tokenizers raises a bare Exception when the query alone is too long
             query_tokens = len(self._full.encode(query).ids)
             raise InvalidInputError(
                 f"the query has {query_tokens} tokens, which leaves no room for a document within the "
                 f"model's {self.max_tokens} tokens: shorten the query"
             ) from exc
-        truncated = [i for i, e in enumerate(encodings) if e.overflowing]
-        return Tokenized(encodings, [len(e.ids) for e in encodings], truncated)
+        return self._tokenized(encodings)
+
+    def _tokenized(self, encodings: list[Encoding]) -> Tokenized:
+        # len(encoding) counts tokens without building the list of ids; only an input cut to
+        # max_tokens can have overflowing parts.
+        lengths = [len(e) for e in encodings]
+        cut = self.max_tokens
+        truncated = [i for i, n in enumerate(lengths) if n >= cut and encodings[i].overflowing]
+        return Tokenized(encodings, lengths, truncated)
 
     def token(self, token_id: int) -> str:
         """The vocabulary token of an id."""
@@ -77,14 +83,16 @@ class TextTokenizer:
 
     def collate(self, encodings: list[Encoding]) -> tuple[IntArray, IntArray, IntArray]:
         """Pads encodings to the longest into input_ids, attention_mask and token_type_ids."""
-        longest = max(len(e.ids) for e in encodings)
-        shape = (len(encodings), longest)
-        ids = np.full(shape, self.pad_id, dtype=np.int64)
-        mask = np.zeros(shape, dtype=np.int64)
-        types = np.zeros(shape, dtype=np.int64)
-        for row, enc in enumerate(encodings):
-            n = len(enc.ids)
-            ids[row, :n] = enc.ids
-            mask[row, :n] = 1
-            types[row, :n] = enc.type_ids
-        return ids, mask, types
+        lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+        real = np.arange(lengths.max()) < lengths[:, None]
+        # One list of every real token, scattered into the rows in one step: row-major order
+        # of `real` is the order of the tokens.
+        ids, types = np.full(real.shape, self.pad_id, dtype=np.int64), np.zeros(real.shape, dtype=np.int64)
+        flat_ids: list[int] = []
+        flat_types: list[int] = []
+        for enc in encodings:
+            flat_ids += enc.ids
+            flat_types += enc.type_ids
+        ids[real] = flat_ids
+        types[real] = flat_types
+        return ids, real.astype(np.int64), types
