@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from bench.harness import FloatArray, InProcessRun, RerankSparsePass, Workload, length_order
 from bench.load import decode
+from bench.tiny import copy_tokenizer
 from embedserve import convert
 from embedserve.backends.base import IntArray
 from embedserve.backends.config import ModelConfig, load_model_config
@@ -39,8 +40,6 @@ from embedserve.v1 import embedding_service_pb2 as pb
 
 # Where the cross-encoder is built, under --cache-dir; bump the suffix when the recipe changes.
 CROSS_ENCODER_FOLDER = "bench-models/minilm-l6-cross-encoder-v1"
-# Files of the BERT uncased WordPiece tokenizer the bundled MiniLM carries (as tests/tiny_models.py).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -147,6 +146,50 @@ def measure_dense(model: str, corpus: list[str], runner: Runner) -> tuple[FloatA
     return vectors, run
 
 
+@dataclass(frozen=True)
+class ForwardCost:
+    """What the forward passes alone cost in this process (the least CPU of a few repeats):
+    `texts` tokenized, sorted by length in windows, cut into batches and run through ONNX Runtime,
+    with nothing else timed."""
+
+    texts: int
+    batches: int
+    tokens: int
+    padded_tokens: int
+    cpu_s: float
+    seconds: float
+
+    def cpu_ms_per_1000(self) -> float:
+        """CPU milliseconds per 1,000 texts."""
+        return self.cpu_s * 1e6 / self.texts
+
+
+def measure_forward(model: Path, texts: Sequence[str], runner: Runner, repeats: int) -> tuple[FloatArray, ForwardCost]:
+    """The vectors of `texts` (tokenize, forward, pool, normalize, as bench.embed's ceiling) and
+    the CPU seconds of the forward passes alone over the same batches, the least of `repeats`."""
+    engine = DenseModel(model, "auto", runner)
+    engine.embed(texts[: 4 * runner.batch_size], runner.batch_size)  # warm-up: first-run allocations
+    vectors, _ = engine.embed(texts, runner.batch_size, runner.window)
+    tokenized = engine.tokenizer.encode(list(texts))
+    order = length_order(tokenized.lengths, runner.window)
+    size = runner.batch_size
+    batches = [
+        engine.tokenizer.collate([tokenized.encodings[i] for i in order[b : b + size]])
+        for b in range(0, len(order), size)
+    ]
+    runs = []
+    for _ in range(repeats):
+        cpu0, start = time.process_time(), time.perf_counter()
+        for ids, mask, types in batches:
+            engine.backend.forward(ids, mask, types)
+        runs.append((time.process_time() - cpu0, time.perf_counter() - start))
+    cpu_s, seconds = min(runs)
+    padded = sum(ids.size for ids, _, _ in batches)
+    del engine
+    gc.collect()
+    return vectors, ForwardCost(len(texts), len(batches), tokenized.tokens, padded, cpu_s, seconds)
+
+
 # -- rerank and sparse: Rerank's and SparseEmbed's ceilings -----------------------------------------
 
 
@@ -226,8 +269,7 @@ def build_cross_encoder(cache_dir: Path) -> Path:
         if fresh != ["classifier.bias", "classifier.weight"]:
             raise RuntimeError(f"expected only the classifier head to be new, but these are: {fresh}")
         model.eval().save_pretrained(str(work))
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(source / name, work / name)
+        copy_tokenizer(work)
         os.replace(work, target)  # atomic: a half-built folder is never seen
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -5,13 +5,30 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
+from bench.ceiling_phases import CODES, NEW, OLD, TARGET, CeilingBench, Profile
 from bench.harness import LATENCY_INPUT, TARGET_RATIO, VECTOR_TOLERANCE, Ceiling, InProcessRun, percentile
 from bench.inprocess import DEFAULT_SPARSE_MODEL, WireForm
 from bench.load import Throughput
 from bench.phases import EmbedBench, RerankSparseBench
-from bench.rest_phases import RestBench
+from bench.shared_phases import (
+    BASELINE_RATIO,
+    QUERY,
+    QUERY_P50_MS,
+    QUERY_P99_MS,
+    TENANT_KEYS,
+    TENANT_RATIO,
+    WITH_QUERIES_RATIO,
+    SharedBench,
+    Spread,
+)
+
+if TYPE_CHECKING:
+    # Only annotations need it: rendering the other benches does not import the Python client
+    # (bench.rest_phases does), whose generated messages may lag behind the server's.
+    from bench.rest_phases import RestBench
 
 Row = tuple[str, ...]
 # What (r)/(g) should reach in bench.rest (issue 4).
@@ -298,3 +315,254 @@ def ort_table(rates: Mapping[tuple[int, str, str], float], default: tuple[int, s
         mark = "  <- server default" if (threads, level, dtype) == default else ""
         lines.append(f"{threads:>7}  {level:<9}  {dtype:<5}  {rate:>8.1f}  {rate / baseline:>10.3f}{mark}")
     return lines
+
+
+# -- bench.shared --------------------------------------------------------------------------------
+
+
+def shared_report(args: argparse.Namespace, bench: SharedBench) -> list[str]:
+    """The report of bench.shared, line by line."""
+    codes = f"this checkout ({bench.commit})"
+    if bench.baseline_commit:
+        codes += f" and baseline {bench.baseline_commit}, in the same run; new/old = checkout / baseline"
+    heading = (
+        f"shared-traffic bench: {args.texts} texts (seed {args.seed}, 8-120 words), {args.model}, "
+        f"batch {args.batch_size}, {os.cpu_count()} cores, python {platform.python_version()}; "
+        f"{args.rounds} round(s), medians (min-max)"
+    )
+    return [
+        "",
+        heading,
+        f"  {codes}",
+        "",
+        *shared_latency(args, bench),
+        "",
+        *shared_throughput(args, bench),
+        "",
+        *shared_tenants(bench),
+        "",
+        *shared_verdict(bench),
+    ]
+
+
+def spread_cell(spread: Spread | None, fmt: Callable[[float], str]) -> str:
+    """'median (min-max)', or the median alone when the rounds agree; empty for None."""
+    if spread is None:
+        return ""
+    if spread.low == spread.high:
+        return fmt(spread.median)
+    return f"{fmt(spread.median)} ({fmt(spread.low)}-{fmt(spread.high)})"
+
+
+def ms_text(ms: float) -> str:
+    """Milliseconds as the issue writes them: one decimal below 10, none above."""
+    return f"{ms:.1f}" if ms < 10 else f"{ms:,.0f}"
+
+
+def ratio_text(ratio: float) -> str:
+    """A ratio with two decimals."""
+    return f"{ratio:.2f}"
+
+
+def rate_text(per_s: float) -> str:
+    """Texts per second with one decimal."""
+    return f"{per_s:,.1f}"
+
+
+def verdict(ok: bool, bad: str) -> str:
+    """'ok', or what is wrong ('HIGH', 'LOW', 'OFF')."""
+    return "ok" if ok else bad
+
+
+def shared_latency_row(bench: SharedBench, label: str, condition: str, loaded: bool) -> Row:
+    """One condition's query latency: p50 and p99 per code, new/old, queries sent, and under load
+    the targets against this checkout's medians."""
+    names = [f"{condition}_p50_ms", f"{condition}_p99_ms"]
+    cells = [spread_cell(bench.spread(n), ms_text) for n in names]
+    if bench.baseline:
+        cells += [spread_cell(bench.spread(n, baseline=True), ms_text) for n in names]
+        cells += [spread_cell(bench.versus(n), ratio_text) for n in names]
+    target = ""
+    if loaded:
+        p50, p99 = (bench.spread(n).median for n in names)
+        target = (f"p50 <= {QUERY_P50_MS:g} {verdict(p50 <= QUERY_P50_MS, 'HIGH')}, "
+                  f"p99 <= {QUERY_P99_MS:g} {verdict(p99 <= QUERY_P99_MS, 'HIGH')}")  # fmt: skip
+    queries = spread_cell(bench.spread(f"{condition}_queries"), lambda n: f"{n:.0f}")
+    return (label, *cells, queries, target)
+
+
+def shared_latency(args: argparse.Namespace, bench: SharedBench) -> list[str]:
+    """The table of the short query's latency, idle and under each bulk load."""
+    header = [f'query "{QUERY}", {args.rate:g}/s open loop', "p50 ms", "p99 ms"]
+    if bench.baseline:
+        header += ["baseline p50", "baseline p99", "p50 new/old", "p99 new/old"]
+    rows = [
+        shared_latency_row(bench, "(q) idle", "idle", loaded=False),
+        shared_latency_row(bench, f"(u+q) under {args.clients} unary clients x {args.request_size}", "unary", True),
+        shared_latency_row(bench, "(s+q) under one EmbedStream", "stream", loaded=True),
+    ]
+    return table(rows, [*header, "queries", "target"])
+
+
+def shared_throughput_row(bench: SharedBench, label: str, name: str, target: str) -> Row:
+    """One bulk figure per code and new/old, with `target` ('alone' or 'ratio') judged: new/old
+    of bulk alone against BASELINE_RATIO, with/alone against WITH_QUERIES_RATIO."""
+    is_ratio = target == "ratio"
+    fmt = ratio_text if is_ratio else rate_text
+    cells = [spread_cell(bench.spread(name), fmt)]
+    versus = bench.versus(name)
+    if bench.baseline:
+        cells += [spread_cell(bench.spread(name, baseline=True), fmt), spread_cell(versus, ratio_text)]
+    judged = ""
+    if is_ratio:
+        median = bench.spread(name).median
+        judged = f"with / alone >= {WITH_QUERIES_RATIO:.2f} {verdict(median >= WITH_QUERIES_RATIO, 'LOW')}"
+    elif target == "alone" and versus is not None:
+        judged = f"new/old >= {BASELINE_RATIO:.2f} {verdict(versus.median >= BASELINE_RATIO, 'LOW')}"
+    return (label, *cells, judged)
+
+
+def shared_throughput(args: argparse.Namespace, bench: SharedBench) -> list[str]:
+    """The table of bulk throughput, alone and with the queries, per load."""
+    header = ["bulk", "texts/s"] + (["baseline texts/s", "new/old"] if bench.baseline else [])
+    unary = f"{args.clients} unary clients x {args.request_size}"
+    stream = f"one EmbedStream, {args.stream_in_flight} in flight"
+    rows = [
+        shared_throughput_row(bench, f"(u) {unary}, alone", "unary_alone_texts_per_s", "alone"),
+        shared_throughput_row(bench, "(u+q) the same, with queries", "unary_loaded_texts_per_s", ""),
+        shared_throughput_row(bench, "    (u+q) / (u)", "unary_ratio", "ratio"),
+        shared_throughput_row(bench, f"(s) {stream}, alone", "stream_alone_texts_per_s", "alone"),
+        shared_throughput_row(bench, "(s+q) the same, with queries", "stream_loaded_texts_per_s", ""),
+        shared_throughput_row(bench, "    (s+q) / (s)", "stream_ratio", "ratio"),
+    ]
+    return table(rows, [*header, "target"])
+
+
+def shared_tenants(bench: SharedBench) -> list[str]:
+    """The table of the two tenants' streams: each one's texts/s while both ran, and the ratio."""
+    first, second = TENANT_KEYS
+    low, high = TENANT_RATIO
+    rows = []
+    for label, name in ((f"{first} texts/s", "tenant_k1_texts_per_s"), (f"{second} texts/s", "tenant_k2_texts_per_s")):
+        cells = [spread_cell(bench.spread(name), rate_text)]
+        if bench.baseline:
+            cells.append(spread_cell(bench.spread(name, baseline=True), rate_text))
+        rows.append((label, *cells, ""))
+    ratios = [bench.spread("tenant_ratio")] + ([bench.spread("tenant_ratio", baseline=True)] if bench.baseline else [])
+    median = ratios[0].median
+    target = f"{low:g}..{high:g} {verdict(low <= median <= high, 'OFF')}"
+    rows.append((f"{first} / {second}", *(spread_cell(r, ratio_text) for r in ratios), target))
+    header = ["(t) two tenants, one EmbedStream each, while both run", "checkout"]
+    return table(rows, [*header, *(["baseline"] if bench.baseline else []), "target"])
+
+
+def shared_verdict(bench: SharedBench) -> list[str]:
+    """Whether every input got the same vectors each time, and whether any bulk job was cut short."""
+    worst = max(bench.diffs.values())
+    each = ", ".join(f"{k} {v:.1e}" for k, v in bench.diffs.items())
+    lines = [
+        f"vectors: max |diff| from the first answer to the same input {worst:.1e} "
+        f"({verdict(worst < VECTOR_TOLERANCE, 'MISMATCH')}: {each})"
+    ]
+    rounds = [*bench.checkout, *bench.baseline]
+    cores = [run.cores_used for r in rounds for run in r.runs]
+    lines.append(
+        f"cores used (bench + server CPU seconds per wall second) by the bulk jobs: {min(cores):.2f}-{max(cores):.2f}"
+    )
+    lines += cores_warning(cores, cpu_column_note=False)
+    if not all(r.complete for r in rounds):
+        lines.append(
+            "  WARNING: some bulk jobs reached --max-seconds before the end of the corpus; "
+            "their texts/s count what was answered by then"
+        )
+    return lines
+
+
+# -- bench.ceiling -------------------------------------------------------------------------------
+
+
+def ceiling_report(args: argparse.Namespace, bench: CeilingBench) -> list[str]:
+    """The report of bench.ceiling, line by line."""
+    f, n = bench.forward, bench.forward.texts
+    heading = (
+        f"request-path ceiling: {n} texts (seed {args.seed}, 8-16 words, {f.tokens / n:.1f} tokens per text), "
+        f"{bench.model.name} (2 layers, hidden {args.hidden_size}), batch {args.batch_size}, "
+        f"{os.cpu_count()} cores, python {platform.python_version()}"
+    )
+    codes = f"new = this checkout ({bench.commit}), old = {bench.baseline_commit}; {args.rounds} round(s), medians"
+    return [
+        "",
+        heading,
+        codes,
+        "",
+        *ceiling_throughput(bench),
+        "",
+        *ceiling_cpu(args, bench),
+        "",
+        *[line for code in CODES if code in bench.profiles for line in profile_lines(code, bench.profiles[code])],
+        *ceiling_verdict(bench),
+    ]
+
+
+def ceiling_throughput(bench: CeilingBench) -> list[str]:
+    """texts/s per phase and code, and new over old against the target."""
+    rows = []
+    for phase in bench.phases:
+        new, old, ratio = bench.rate(phase.key, NEW), bench.rate(phase.key, OLD), bench.ratio(phase.key)
+        verdict = "ok" if ratio.median >= TARGET else "LOW"
+        rows.append((phase.label, f"{new.median:,.0f} ({new.low:,.0f}-{new.high:,.0f})",
+                     f"{old.median:,.0f} ({old.low:,.0f}-{old.high:,.0f})",
+                     f"{ratio.median:.2f} ({ratio.low:.2f}-{ratio.high:.2f}) {verdict}"))  # fmt: skip
+    idle = bench.idle_share()
+    note = f"  the unloaded server used at most {idle:.1%} of the loaded one's CPU meanwhile"
+    return [*table(rows, ("texts/s (min-max)", NEW, OLD, f"{NEW}/{OLD} (target >= {TARGET:.1f})")), note]
+
+
+def ceiling_cpu(args: argparse.Namespace, bench: CeilingBench) -> list[str]:
+    """Server CPU ms per 1,000 texts, split into the forward pass and the rest; the bench's own."""
+    f = bench.forward
+    forward = f.cpu_ms_per_1000()
+    rows = []
+    for phase in bench.phases:
+        server = {code: bench.cpu_ms_per_1000(phase.key, code) for code in CODES}
+        client = {code: bench.cpu_ms_per_1000(phase.key, code, client=True) for code in CODES}
+        rows.append((phase.label, *(f"{server[c]:.1f}" for c in CODES), *(f"{server[c] - forward:.1f}" for c in CODES),
+                     *(f"{client[c]:.1f}" for c in CODES)))  # fmt: skip
+    header = ("CPU ms per 1,000 texts", f"server {NEW}", f"server {OLD}", f"rest {NEW}", f"rest {OLD}",
+              f"bench {NEW}", f"bench {OLD}")  # fmt: skip
+    threads = f"{args.intra_op_threads} intra-op threads" if args.intra_op_threads else "intra-op threads = cores"
+    return [
+        *table(rows, header),
+        f"  forward pass: {forward:.1f} CPU ms per 1,000 texts, measured in process (f) on the same corpus: "
+        f"{f.batches} batches of {args.batch_size}, padding efficiency {f.tokens / f.padded_tokens:.0%}, "
+        f"{threads}, least of {args.forward_repeats}; {f.texts / f.seconds:,.0f} texts/s of forward passes alone",
+        "  rest = server - forward: tokenizing, queueing, batching, pooling, protobuf, gRPC and asyncio",
+    ]
+
+
+def profile_lines(code: str, profile: Profile) -> list[str]:
+    """One server under the profile's load: CPU per thread, then where the GIL holder was."""
+    if profile.error:
+        return [f"profile of the {code} server: none ({profile.error})", ""]
+    cpu = ", ".join(f"{name} {ms:.0f}" for name, ms in profile.thread_cpu_ms)
+    threads = ", ".join(f"{name} {share:.0%}" for name, share in profile.threads)
+    rows = [(name, f"{share:.1%}") for name, share in profile.functions]
+    inclusive = [(name, f"{share:.1%}") for name, share in profile.inclusive]
+    return [
+        f"profile of the {code} server, {profile.seconds:g} s, {profile.texts:,} texts: server CPU ms per 1,000 texts "
+        f"by thread: {cpu}",
+        f"  py-spy --gil: {profile.samples} samples, the GIL held {profile.gil_share:.0%} of the time; by thread: "
+        f"{threads}",
+        *table(rows, ("  GIL holder: innermost function (self)", "samples")),
+        *table(inclusive, ("  GIL holder: function on the stack (inclusive)", "samples")),
+        "",
+    ]
+
+
+def ceiling_verdict(bench: CeilingBench) -> list[str]:
+    """Whether the vectors match the in-process ones, and each other."""
+    worst = max(bench.diffs.values())
+    each = ", ".join(f"{k} {v:.1e}" for k, v in bench.diffs.items())
+    verdict = "ok" if worst < VECTOR_TOLERANCE else "MISMATCH"
+    same = "bit-identical" if bench.diffs["new_vs_old"] == 0 else "NOT bit-identical"
+    return [f"vectors: max |diff| {worst:.1e} ({verdict}: {each}); new and old are {same}"]

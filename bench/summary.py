@@ -6,13 +6,27 @@ import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from bench.ceiling_phases import CODES, NEW, OLD, TARGET, CeilingBench
 from bench.harness import TARGET_RATIO, Ceiling, InProcessRun, percentile
 from bench.inprocess import DEFAULT_SPARSE_MODEL
 from bench.load import Throughput
 from bench.phases import EmbedBench, RerankSparseBench
-from bench.rest_phases import RestBench
+from bench.shared_phases import (
+    BASELINE_RATIO,
+    QUERY,
+    QUERY_P50_MS,
+    QUERY_P99_MS,
+    TENANT_RATIO,
+    WITH_QUERIES_RATIO,
+    SharedBench,
+)
+
+if TYPE_CHECKING:
+    # Only annotations need it: rendering the other benches does not import the Python client
+    # (bench.rest_phases does), whose generated messages may lag behind the server's.
+    from bench.rest_phases import RestBench
 
 
 def run_json(run: InProcessRun, **extra: float) -> dict[str, Any]:
@@ -154,3 +168,95 @@ def rest_summary(args: argparse.Namespace, bench: RestBench) -> dict[str, Any]:
         },
         "max_abs_diff": bench.diffs,
     }
+
+
+# -- bench.shared --------------------------------------------------------------------------------
+
+
+def shared_summary(args: argparse.Namespace, bench: SharedBench) -> dict[str, Any]:
+    """bench.shared's summary: the run's shape, the targets, then each code's figures."""
+    versus = {name: bench.versus(name) for name in bench.checkout[0].figures()}
+    return {
+        "bench": "shared_bench",
+        "model": args.model,
+        "texts": args.texts,
+        "seed": args.seed,
+        "rounds": args.rounds,
+        "batch_size": args.batch_size,
+        "request_size": args.request_size,
+        "clients": args.clients,
+        "stream_in_flight": args.stream_in_flight,
+        "query": QUERY,
+        "query_rate_per_s": args.rate,
+        "idle_seconds": args.idle_seconds,
+        "max_seconds": args.max_seconds,
+        "cores": os.cpu_count(),
+        "commit": bench.commit,
+        "baseline_commit": bench.baseline_commit,
+        "targets": {
+            "query_p50_ms": QUERY_P50_MS,
+            "query_p99_ms": QUERY_P99_MS,
+            "with_queries_ratio": WITH_QUERIES_RATIO,
+            "baseline_ratio": BASELINE_RATIO,
+            "tenant_ratio": TENANT_RATIO,
+        },
+        "checkout": shared_code_json(bench, baseline=False),
+        "baseline": shared_code_json(bench, baseline=True) if bench.baseline else None,
+        "checkout_over_baseline": {k: asdict(v) for k, v in versus.items() if v is not None} or None,
+        "complete": all(r.complete for r in [*bench.checkout, *bench.baseline]),
+        "max_abs_diff": bench.diffs,
+    }
+
+
+def shared_code_json(bench: SharedBench, baseline: bool) -> dict[str, Any]:
+    """One code's figures: median, low and high over the rounds, and each round's."""
+    rounds = bench.baseline if baseline else bench.checkout
+    names = rounds[0].figures()
+    return {
+        "figures": {name: asdict(bench.spread(name, baseline)) for name in names},
+        "rounds": [
+            {**r.figures(), "complete": r.complete, "cores_used": [run.cores_used for run in r.runs]} for r in rounds
+        ],
+    }
+
+
+# -- bench.ceiling -------------------------------------------------------------------------------
+
+
+def ceiling_summary(args: argparse.Namespace, bench: CeilingBench) -> dict[str, Any]:
+    """bench.ceiling's summary: the run's shape, the forward pass, then one section per phase."""
+    return {
+        "bench": "ceiling_bench",
+        "model": str(bench.model),
+        "hidden_size": args.hidden_size,
+        "texts": bench.forward.texts,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "request_size": args.request_size,
+        "rounds": args.rounds,
+        "cores": os.cpu_count(),
+        "commit": bench.commit,
+        "baseline_commit": bench.baseline_commit,
+        "target_ratio": TARGET,
+        "forward": {**asdict(bench.forward), "cpu_ms_per_1000": bench.forward.cpu_ms_per_1000()},
+        "phases": {phase.key: ceiling_phase_json(bench, phase.key) for phase in bench.phases},
+        "idle_server_cpu_share": bench.idle_share(),
+        "profiles": {code: asdict(p) for code, p in bench.profiles.items()},
+        "max_abs_diff": bench.diffs,
+    }
+
+
+def ceiling_phase_json(bench: CeilingBench, phase: str) -> dict[str, Any]:
+    """One phase: texts/s and CPU per code, new over old, and every sample."""
+    forward = bench.forward.cpu_ms_per_1000()
+    codes = {}
+    for code in CODES:
+        server = bench.cpu_ms_per_1000(phase, code)
+        codes[code] = {
+            "texts_per_s": asdict(bench.rate(phase, code)),
+            "server_cpu_ms_per_1000": server,
+            "rest_cpu_ms_per_1000": server - forward,
+            "bench_cpu_ms_per_1000": bench.cpu_ms_per_1000(phase, code, client=True),
+            "samples": [{"round": s.round, **asdict(s.throughput)} for s in bench.of(phase, code)],
+        }
+    return {**codes, "ratio": asdict(bench.ratio(phase)), "label": f"{NEW}/{OLD}"}
