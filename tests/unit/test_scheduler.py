@@ -713,36 +713,30 @@ async def test_bulk_keeps_its_minimum_share_under_an_interactive_flood(make_sche
     assert sum(ran) >= 0.2 * len(ran)  # bulk got about its 30% of the batches, not starved
 
 
-async def test_two_tenants_share_the_bulk_lane_equally_whatever_their_streams(make_scheduler: MakeScheduler) -> None:
+@pytest.mark.parametrize("by", ["tenant", "flow"])
+async def test_two_tenants_and_two_streams_share_the_bulk_lane_equally_whatever_they_send(
+    make_scheduler: MakeScheduler, by: str
+) -> None:
+    # By tenant: tenant a runs four streams' worth of jobs, tenant b one. By flow: one tenant's
+    # two streams, one with four requests in flight, the other with one.
     h = make_scheduler(max_batch_size=8, window_batches=2)
     h.backend.hold()
-    # Tenant a runs four streams' worth of jobs, tenant b one.
-    a_jobs = [job(f"a{i}", [10] * 200, tenant="a") for i in range(4)]
-    b_job = job("b0", [10] * 200, tenant="b")
-    for j in [*a_jobs, b_job]:
+
+    def sent_by(tag: str, who: str) -> Job[Item, str]:
+        if by == "tenant":
+            return job(tag, [10] * 200, tenant=who)
+        return job(tag, [10] * 200, flow=who)
+
+    many_jobs = [sent_by(f"m{i}", "many") for i in range(4)]
+    one_job = sent_by("o0", "one")
+    for j in [*many_jobs, one_job]:
         h.scheduler.submit_nowait(j)
     h.backend.release()
-    await result_of(b_job)
-    done_by_a = sum(len(h.backend.items_of(j.items[0].job)) for j in a_jobs)
-    # When b's 200 inputs are done, a has had about as many: equal shares per tenant.
-    assert 0.8 * 200 <= done_by_a <= 1.25 * 200 + 16
-    for j in a_jobs:
-        assert await result_of(j) == expected(j)
-
-
-async def test_two_streams_share_equally_whatever_their_requests_in_flight(make_scheduler: MakeScheduler) -> None:
-    h = make_scheduler(max_batch_size=8, window_batches=2)
-    h.backend.hold()
-    deep, shallow = object(), object()  # two streams of one tenant: 4 requests in flight vs 1
-    deep_jobs = [job(f"d{i}", [10] * 200, flow=deep) for i in range(4)]
-    shallow_job = job("s0", [10] * 200, flow=shallow)
-    for j in [*deep_jobs, shallow_job]:
-        h.scheduler.submit_nowait(j)
-    h.backend.release()
-    await result_of(shallow_job)
-    done_by_deep = sum(len(h.backend.items_of(j.items[0].job)) for j in deep_jobs)
-    assert 0.8 * 200 <= done_by_deep <= 1.25 * 200 + 16
-    for j in deep_jobs:
+    await result_of(one_job)
+    done_by_many = sum(len(h.backend.items_of(j.items[0].job)) for j in many_jobs)
+    # When the single one's 200 inputs are done, the other side has had about as many.
+    assert 0.8 * 200 <= done_by_many <= 1.25 * 200 + 16
+    for j in many_jobs:
         assert await result_of(j) == expected(j)
 
 
