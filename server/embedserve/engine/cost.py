@@ -32,15 +32,18 @@ def _weighted(count: int, longest: int, seconds: float) -> tuple[np.ndarray, flo
 class BatchCost:
     """Seconds of one forward pass ~ a + b * tokens + c * tokens * longest (tokens = count x
     longest, padded), fitted by least squares of relative errors to the batches measured at
-    startup (kept with a fixed weight) and to the ones served since (recent ones weigh most)."""
+    startup (kept with a fixed weight) and to the ones served since (recent ones weigh most).
+    Refitted when a prediction is asked for, not on every batch: a bulk-only load asks for none."""
 
     def __init__(self, decay: float = 0.98, startup_weight: float = 8.0) -> None:
         self._decay = decay
         self._startup_weight = startup_weight
         self._base = (np.zeros((3, 3)), np.zeros(3), 0)  # startup measurements
         self._recent = (np.zeros((3, 3)), np.zeros(3))
-        self._coefficients: np.ndarray | None = None
-        self._abc = (0.0, 0.0, 0.0)  # the coefficients, unscaled: seconds, per token, per token x length
+        # The coefficients (seconds, per token, per token x length), None before any measurement;
+        # stale once a batch was observed since the last fit.
+        self._abc: tuple[float, float, float] | None = None
+        self._stale = False
 
     def calibrate(self, measured: list[Measured]) -> None:
         """Takes (count, longest, seconds) of batches run at startup."""
@@ -50,51 +53,53 @@ class BatchCost:
             xtx += np.outer(x, x)
             xty += x * y
         self._base = (xtx, xty, len(measured))
-        self._fit()
+        self._stale = True
 
     def observe(self, count: int, longest: int, seconds: float) -> None:
         """Takes one batch served."""
         x, y = _weighted(count, longest, seconds)
         xtx, xty = self._recent
         self._recent = (xtx * self._decay + np.outer(x, x), xty * self._decay + x * y)
-        self._fit()
+        self._stale = True
 
-    def _fit(self) -> None:
-        base_xtx, base_xty, measured = self._base
-        weight = self._startup_weight / max(1, measured)
-        xtx = base_xtx * weight + self._recent[0]
-        xty = base_xty * weight + self._recent[1]
-        if not xty.any():
-            self._coefficients = None
-            return
-        self._coefficients = _non_negative_least_squares(xtx, xty)
-        a, b, c = (float(v) for v in self._coefficients * _SCALE)
-        self._abc = (a, b, c)
+    def _fitted(self) -> tuple[float, float, float] | None:
+        if self._stale:
+            self._stale = False
+            base_xtx, base_xty, measured = self._base
+            weight = self._startup_weight / max(1, measured)
+            xty = base_xty * weight + self._recent[1]
+            if xty.any():
+                fit = _non_negative_least_squares(base_xtx * weight + self._recent[0], xty) * _SCALE
+                self._abc = (float(fit[0]), float(fit[1]), float(fit[2]))
+        return self._abc
 
     def describe(self) -> str:
         """The fitted costs, for the startup log."""
-        if self._coefficients is None:
+        fitted = self._fitted()
+        if fitted is None:
             return "not measured"
-        a, b, c = self._abc
+        a, b, c = fitted
         return f"{a * 1e3:.2f} ms + {b * 1e6:.1f} us/token + {c * 1e9:.2f} ns/token/length"
 
     @property
     def known(self) -> bool:
         """True once anything was measured."""
-        return self._coefficients is not None
+        return self._fitted() is not None
 
     def seconds(self, count: int, longest: int) -> float:
         """Predicted seconds of a batch of `count` inputs padded to `longest` tokens (0 unknown)."""
-        if self._coefficients is None:
+        fitted = self._fitted()
+        if fitted is None:
             return 0.0
-        a, b, c = self._abc
+        a, b, c = fitted
         return a + (b + c * longest) * count * longest
 
     def overhead_tokens(self) -> int | None:
         """What one more forward pass costs beyond its tokens, in token-equivalents (a / b)."""
-        if self._coefficients is None or self._coefficients[1] <= 0:
+        fitted = self._fitted()
+        if fitted is None or fitted[1] <= 0:
             return None
-        a, b, _ = self._abc
+        a, b, _ = fitted
         return max(1, round(a / b))
 
 

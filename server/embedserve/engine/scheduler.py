@@ -6,7 +6,7 @@ worker starts; bulk work fills the rest. While interactive work may arrive, bulk
 to a time target (measured by `BatchCost`), and a bulk batch handed to the worker but not yet
 started gives its place back to an interactive one, so a query waits for at most one short
 batch. Bulk keeps a minimum share of the forward time under an interactive flood, and windows
-give equal shares to every tenant, then to every job of a tenant.
+give equal shares to every tenant, then to every stream of a tenant, then to every job of a stream.
 
 Knows nothing of protobuf or models: items are opaque, each with a length in tokens, and a
 `run_batch` callable turns a list of items into one result per item.
@@ -303,7 +303,7 @@ class Scheduler(Generic[T, R]):
 
     def _lanes_in_order(self) -> tuple[Priority, Priority]:
         """Interactive first, unless bulk has work and is below its minimum share."""
-        if self._has_work(Priority.BULK) and self._bulk_share() < self.lanes.bulk_min_share:
+        if self._bulk_share() < self.lanes.bulk_min_share and self._has_work(Priority.BULK):
             return Priority.BULK, Priority.INTERACTIVE
         return Priority.INTERACTIVE, Priority.BULK
 
