@@ -29,6 +29,7 @@ from embedserve.errors import ConfigError
 from embedserve.kinds import ModelKind
 
 BackendName = Literal["onnx", "torch"]
+Switch = Literal["auto", "on", "off"]
 Dtype = Literal["auto", "fp32", "fp16", "int8"]
 
 DEFAULT_DENSE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -267,7 +268,21 @@ class Settings:
         16, "STREAM_WINDOW", positive_int, "requests an `EmbedStream` reads ahead of its answers"
     )
     intra_op_threads: int = setting(
-        0, "INTRA_OP_THREADS", non_negative_int, "threads per forward pass", shown="0 (= cores)"
+        0, "INTRA_OP_THREADS", non_negative_int, "threads per forward pass", shown="0 (= cores / forward workers)"
+    )
+    forward_workers: int = setting(
+        0,
+        "FORWARD_WORKERS",
+        non_negative_int,
+        "bulk forward passes of one model that run at once, each on a thread of its own",
+        shown="0 (= 2 on CPU, 1 on CUDA)",
+    )
+    interactive_worker: Switch = setting(
+        "auto",
+        "INTERACTIVE_WORKER",
+        choice(get_args(Switch)),
+        "interactive batches run on a thread of their own, alongside bulk ones (`on`), or go first in the "
+        "bulk workers' queue, with bulk batches cut to `BULK_BATCH_MS` (`off`); auto: on for CPU, off for CUDA",
     )
     interactive_max_inputs: int = setting(
         8,
@@ -281,14 +296,16 @@ class Settings:
         15.0,
         "BULK_BATCH_MS",
         milliseconds,
-        "while interactive requests arrive, bulk batches are cut to take at most this long "
-        "(by the forward-pass costs measured at startup and since), so a query waits for at most one; 0: no limit",
+        "with `INTERACTIVE_WORKER` off, while interactive requests arrive, bulk batches are cut to take at most "
+        "this long (by the forward-pass costs measured at startup and since), so a query waits for at most one; "
+        "0: no limit",
     )
     interactive_hold: float = setting(
         5.0,
         "INTERACTIVE_HOLD",
         seconds,
-        "seconds after the last interactive request that bulk batches stay short; then they grow to `BATCH_SIZES`",
+        "seconds after the last interactive request that bulk batches stay short (`INTERACTIVE_WORKER` off); "
+        "then they grow to `BATCH_SIZES`",
     )
     bulk_min_share: float = setting(
         0.2, "BULK_MIN_SHARE", fraction, "share of the forward time bulk work keeps under a flood of interactive work"

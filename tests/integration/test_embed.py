@@ -324,3 +324,25 @@ def test_a_malformed_priority_header_is_invalid_argument_naming_the_values(serve
         assert isinstance(error, grpc.Call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "x-embedserve-priority must be interactive or bulk, got 'urgent'" in str(error.details())
+
+
+def test_on_cpu_queries_run_on_a_thread_of_their_own_and_bulk_on_two_forward_workers(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
+    threads: list[tuple[int, str]] = []
+    real_run = scheduler._run_batch
+
+    def run_batch(items: Any) -> Any:
+        threads.append((len(items), threading.current_thread().name))
+        return real_run(items)
+
+    monkeypatch.setattr(scheduler, "_run_batch", run_batch)
+    stub = server.stub()
+    stub.Embed(pb.EmbedRequest(inputs=["a query"]))
+    size = server.settings.models[0].batch_size
+    stub.Embed(pb.EmbedRequest(inputs=[f"document {i}" for i in range(4 * size)]))
+    assert threads[0] == (1, threads[0][1]) and threads[0][1].startswith("interactive-")
+    bulk_threads = {name for _, name in threads[1:]}
+    assert all(name.startswith("forward-") for name in bulk_threads)
+    assert len(bulk_threads) == 2  # four batches over the two bulk workers

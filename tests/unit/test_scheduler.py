@@ -2,7 +2,8 @@
 length sorting, fairness, cancellation, deadlines, admission and failure handling; and its
 lanes: queries go first and never wait behind a parked bulk batch, bulk keeps full batches
 alone and a minimum share under a flood, tenants share equally, and bulk batches shrink to the
-time target while queries arrive."""
+time target while queries arrive; or, with a worker of their own, queries run while a bulk
+batch runs, and several bulk batches run at once."""
 
 from __future__ import annotations
 
@@ -46,11 +47,14 @@ class FakeBackend:
         self.started = threading.Event()  # set when a batch reaches the backend
         self._release = threading.Event()
         self._release.set()
+        self._held: Callable[[list[Item]], bool] = lambda batch: True
         self.fail_when: Callable[[list[Item]], bool] = lambda batch: False
         self.drop_one_when: Callable[[list[Item]], bool] = lambda batch: False
 
-    def hold(self) -> None:
-        """Makes the next batches block in the worker thread until `release()`."""
+    def hold(self, only: Callable[[list[Item]], bool] | None = None) -> None:
+        """Makes the next batches (those `only` picks, when given) block in their worker thread
+        until `release()`."""
+        self._held = only or (lambda batch: True)
         self._release.clear()
 
     def release(self) -> None:
@@ -63,7 +67,8 @@ class FakeBackend:
     def __call__(self, items: list[Item]) -> Sequence[str]:
         self.batches.append(list(items))
         self.started.set()
-        assert self._release.wait(TIMEOUT_S), "test never released the held batch"
+        if self._held(items):
+            assert self._release.wait(TIMEOUT_S), "test never released the held batch"
         if self.fail_when(items):
             raise RuntimeError("device on fire")
         results = [value_of(item) for item in items]
@@ -769,3 +774,76 @@ async def test_a_query_whose_deadline_passes_while_it_waits_is_dropped_before_co
     assert await result_of(first) == expected(first)
     assert isinstance(await error_of(late), DeadlineExpiredError)
     assert h.backend.items_of("late") == []
+
+
+# -- worker threads: interactive alongside bulk, several bulk batches at once ------------------
+
+
+def is_bulk(batch: list[Item]) -> bool:
+    return batch[0].job.startswith("bulk")
+
+
+async def wait_for_batches(h: Harness, count: int) -> None:
+    """Waits until `count` batches reached the backend."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(h.backend.batches) < count:
+        assert time.monotonic() < deadline, f"{len(h.backend.batches)} batches started, not {count}"
+        await asyncio.sleep(0.001)
+
+
+async def test_alongside_a_query_is_answered_while_a_bulk_batch_runs(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(max_batch_size=4, lanes=Lanes(alongside=True, bulk_batch_s=0.001), cost=FixedCost())
+    h.backend.hold(only=is_bulk)
+    bulk = job("bulk", [10] * 16)
+    h.scheduler.submit_nowait(bulk)
+    await h.backend.wait_started()
+    q = query("q")
+    h.scheduler.submit_nowait(q)
+    assert await result_of(q) == expected(q)  # the bulk batch is still held in its worker
+    assert not bulk.done
+    h.backend.release()
+    assert await result_of(bulk) == expected(bulk)
+    # Queries do not shrink bulk batches when they have a worker of their own.
+    assert [len(batch) for batch in h.backend.batches if is_bulk(batch)] == [4, 4, 4, 4]
+
+
+async def test_workers_run_that_many_bulk_batches_at_once(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(max_batch_size=4, workers=2)
+    h.backend.hold()
+    bulk = job("bulk", [10] * 16)
+    h.scheduler.submit_nowait(bulk)
+    await wait_for_batches(h, 2)
+    await asyncio.sleep(0.02)
+    assert len(h.backend.batches) == 2  # two run, the third waits for a free worker
+    h.backend.release()
+    assert await result_of(bulk) == expected(bulk)
+    assert sorted(item.index for item in h.backend.items_of("bulk")) == list(range(16))  # each once
+
+
+async def test_alongside_a_query_past_its_deadline_and_a_cancelled_bulk_job_never_reach_the_backend(
+    make_scheduler: MakeScheduler,
+) -> None:
+    h = make_scheduler(max_batch_size=4, workers=2, lanes=Lanes(alongside=True))
+    h.backend.hold()
+    bulk = job("bulk", [10] * 40)
+    h.scheduler.submit_nowait(bulk)
+    first = query("first")
+    h.scheduler.submit_nowait(first)  # held in the interactive worker
+    await wait_for_batches(h, 3)
+    late: Job[Item, str] = Job([Item("late", 0, 4)], [4], time.monotonic() + 0.01, Priority.INTERACTIVE)
+    h.scheduler.submit_nowait(late)
+    await asyncio.sleep(0.05)
+    h.scheduler.cancel(bulk)
+    h.backend.release()
+    assert await result_of(first) == expected(first)
+    assert isinstance(await error_of(late), DeadlineExpiredError)
+    assert isinstance(await error_of(bulk), CancelledRequestError)
+    await settle()
+    assert h.backend.items_of("late") == []
+    assert len(h.backend.items_of("bulk")) == 8  # the two batches running when it was cancelled
+    assert h.scheduler.queued == 0
+
+
+def test_a_scheduler_needs_a_worker() -> None:
+    with pytest.raises(ValueError, match="at least one worker"):
+        Scheduler("fake", FakeBackend(), BatchLimits(4, 100), 10, workers=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -11,7 +12,19 @@ from embedserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Backend", "BackendInfo", "GraphSpec", "load_backend"]
+__all__ = ["Backend", "BackendInfo", "GraphSpec", "expects_cuda", "load_backend"]
+
+
+def expects_cuda(backend: str) -> bool:
+    """Whether the backend will run on a CUDA device (it may still fall back to CPU when the
+    device's libraries do not load; its `BackendInfo.on_cuda` says what it got)."""
+    if backend == "onnx" and importlib.util.find_spec("onnxruntime") is not None:
+        from embedserve.backends.onnx import cuda_available
+
+        return cuda_available()
+    import torch  # the torch backend, or the fallback when onnxruntime is missing
+
+    return bool(torch.cuda.is_available())
 
 
 def load_backend(

@@ -26,6 +26,11 @@ class BackendInfo:
     # the scheduler trades it against padding when it cuts batches.
     batch_overhead_tokens: int = 32
 
+    @property
+    def on_cuda(self) -> bool:
+        """True when the forward pass runs on a CUDA device."""
+        return self.provider in ("CUDAExecutionProvider", "cuda")
+
 
 @dataclass(frozen=True)
 class GraphSpec:

@@ -1,12 +1,15 @@
 """Per-model dynamic batching: a bounded queue of items from all requests, cut into
-length-sorted batches under a size and a token budget, run one at a time in a worker thread.
+length-sorted batches under a size and a token budget, run on worker threads (one forward pass
+each, `workers` at once).
 
-Two lanes: interactive work (a few inputs a caller waits on) goes first, in the next batch the
-worker starts; bulk work fills the rest. While interactive work may arrive, bulk batches are cut
-to a time target (measured by `BatchCost`), and a bulk batch handed to the worker but not yet
-started gives its place back to an interactive one, so a query waits for at most one short
-batch. Bulk keeps a minimum share of the forward time under an interactive flood, and windows
-give equal shares to every tenant, then to every stream of a tenant, then to every job of a stream.
+Two lanes: interactive work (a few inputs a caller waits on) and bulk work. Interactive work
+either runs on a worker thread of its own, alongside bulk batches (`Lanes.alongside`, what a CPU
+gets: a query never waits for a bulk batch, and bulk batches stay full), or goes first, in the
+next batch a worker starts: then, while interactive work may arrive, bulk batches are cut to a
+time target (measured by `BatchCost`), and a bulk batch handed to a worker but not yet started
+gives its place back to an interactive one, so a query waits for at most one short batch. Bulk
+keeps a minimum share of the forward time under an interactive flood, and windows give equal
+shares to every tenant, then to every stream of a tenant, then to every job of a stream.
 
 Knows nothing of protobuf or models: items are opaque, each with a length in tokens, and a
 `run_batch` callable turns a list of items into one result per item.
@@ -57,6 +60,9 @@ class Lanes:
     bulk_min_share: float = 0.2
     # Time constant of the forward-time shares, in seconds.
     share_window_s: float = 1.0
+    # Interactive batches run on a worker thread of their own, alongside bulk ones, instead of
+    # before the next bulk batch: a query never waits for a bulk batch, and bulk batches stay full.
+    alongside: bool = False
 
 
 class Job(Generic[T, R]):
@@ -123,6 +129,7 @@ class Scheduler(Generic[T, R]):
         limits: BatchLimits,
         queue_size: int,
         pipeline_depth: int = 2,
+        workers: int = 1,
         on_failure: Callable[[BaseException], None] | None = None,
         lanes: Lanes | None = None,
         cost: BatchCost | None = None,
@@ -134,14 +141,16 @@ class Scheduler(Generic[T, R]):
         self.lanes = lanes or Lanes()
         # Measured forward-pass times by batch shape; bulk batches are cut to lanes.bulk_batch_s.
         self.cost = cost or BatchCost()
-        # Batches handed to the worker thread at once: the next one is ready to run the
-        # moment the current one ends, so the device never waits for the event loop.
-        self._depth = pipeline_depth
+        # Bulk batches handed to the worker threads at once: one more than run at once, so the
+        # next one is ready the moment one ends and the device never waits for the event loop.
+        if workers < 1:
+            raise ValueError("a scheduler needs at least one worker thread")
+        self._depth = pipeline_depth + workers - 1
         self.on_failure = on_failure
         lanes_ = tuple(Priority)
         self._waiting: dict[Priority, collections.deque[Job[T, R]]] = {p: collections.deque() for p in lanes_}
         self._ready: dict[Priority, collections.deque[list[Item[T, R]]]] = {p: collections.deque() for p in lanes_}
-        self._inflight: collections.deque[Handed[T, R]] = collections.deque()  # handed to the worker
+        self._inflight: list[Handed[T, R]] = []  # handed to a worker thread, in the order handed
         self._busy_s = {p: 0.0 for p in lanes_}  # forward time per lane, decaying (share_window_s)
         self._busy_at = time.monotonic()
         self._last_interactive = -math.inf
@@ -149,7 +158,13 @@ class Scheduler(Generic[T, R]):
         self._queued = 0  # admitted items not yet computed or dropped
         self._space_waiters: collections.deque[tuple[Job[T, R], asyncio.Future[None]]] = collections.deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
+        bulk = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"forward-{name}")
+        self._executors = {lane: bulk for lane in lanes_}
+        if self.lanes.alongside:
+            self._executors[Priority.INTERACTIVE] = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"interactive-{name}"
+            )
+        self._loop_ref: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
 
@@ -240,6 +255,10 @@ class Scheduler(Generic[T, R]):
         if not job.future.done():
             job.future.set_exception(error)
             job.future.exception()  # mark retrieved: a cancelled caller never reads it
+        # A batch handed to a worker but not started, all of whose jobs are gone, never runs.
+        for handed in list(self._inflight):
+            if all(other not in self._live for other, _ in handed.batch) and handed.future.cancel():
+                self._inflight.remove(handed)
         self._wake_space_waiters()
 
     # -- batching ----------------------------------------------------------------------
@@ -275,7 +294,7 @@ class Scheduler(Generic[T, R]):
     def _fits(self, lane: Priority) -> Callable[[int, int], bool] | None:
         target = self.lanes.bulk_batch_s
         recent = time.monotonic() - self._last_interactive < self.lanes.hold_s
-        if lane is Priority.INTERACTIVE or target is None or not recent or not self.cost.known:
+        if lane is Priority.INTERACTIVE or self.lanes.alongside or target is None or not recent or not self.cost.known:
             return None
         return lambda count, longest: self.cost.seconds(count, longest) <= target
 
@@ -322,7 +341,8 @@ class Scheduler(Generic[T, R]):
 
     def start(self) -> None:
         """Starts the batching loop on the running event loop."""
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"scheduler-{self.name}")
+        self._loop_ref = asyncio.get_running_loop()
+        self._task = self._loop_ref.create_task(self._loop(), name=f"scheduler-{self.name}")
         self._task.add_done_callback(self._loop_ended)
 
     def _timed_run(self, items: list[T]) -> tuple[Sequence[R], float, float]:
@@ -330,13 +350,46 @@ class Scheduler(Generic[T, R]):
         results = self._run_batch(items)
         return results, started, time.monotonic()
 
+    def _ran(self, _: concurrent.futures.Future[tuple[Sequence[R], float, float]]) -> None:
+        """A worker thread finished (or dropped) a batch: wake the loop."""
+        loop = self._loop_ref
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._wakeup.set)
+
+    def _hand(self, batch: list[Item[T, R]], lane: Priority) -> None:
+        items = [job.items[pos] for job, pos in batch]
+        future = self._executors[lane].submit(self._timed_run, items)
+        self._inflight.append(Handed(batch, lane, future))
+        future.add_done_callback(self._ran)
+
+    def _handed(self, lane: Priority) -> int:
+        return sum(1 for handed in self._inflight if handed.lane is lane)
+
     def _refill(self) -> None:
-        """Hands batches to the worker up to the pipeline depth. An interactive batch takes the
-        place of a bulk batch handed over but not started, which goes back to the front of its lane."""
+        """Hands batches to the workers up to the pipeline depth."""
         if self._task is None or self.failure is not None:
             return
-        if len(self._inflight) > 1 and self._has_work(Priority.INTERACTIVE):
-            parked = self._inflight[-1]
+        if self.lanes.alongside:
+            self._refill_alongside()
+        else:
+            self._refill_shared()
+
+    def _refill_alongside(self) -> None:
+        """Each lane fills its own worker thread, bulk to the pipeline depth; interactive one batch at
+        a time (its batches are small, and the next is cut the moment one ends)."""
+        for lane, depth in ((Priority.INTERACTIVE, 1), (Priority.BULK, self._depth)):
+            while self._handed(lane) < depth:
+                batch = self._next_batch(lane)
+                if batch is None:
+                    break
+                self._hand(batch, lane)
+
+    def _refill_shared(self) -> None:
+        """One worker thread for both lanes. An interactive batch takes the place of a bulk batch
+        handed over but not started, which goes back to the front of its lane."""
+        if self._inflight and self._has_work(Priority.INTERACTIVE):
+            parked = self._inflight[-1]  # cancel() refuses a batch that has started
             if parked.lane is Priority.BULK and parked.future.cancel():
                 self._inflight.pop()
                 self._ready[Priority.BULK].appendleft(parked.batch)
@@ -344,9 +397,7 @@ class Scheduler(Generic[T, R]):
             for lane in self._lanes_in_order():
                 batch = self._next_batch(lane)
                 if batch is not None:
-                    items = [job.items[pos] for job, pos in batch]
-                    future = self._executor.submit(self._timed_run, items)
-                    self._inflight.append(Handed(batch, lane, future))
+                    self._hand(batch, lane)
                     break
             else:
                 return
@@ -354,24 +405,28 @@ class Scheduler(Generic[T, R]):
     async def _loop(self) -> None:
         while True:
             self._refill()
-            if not self._inflight:
+            finished = [handed for handed in self._inflight if handed.future.done()]
+            if not finished:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            head = self._inflight[0]
-            try:
-                results, started, ended = await asyncio.wrap_future(head.future)
-                if len(results) != len(head.batch):
-                    raise RuntimeError(f"backend returned {len(results)} results for {len(head.batch)} inputs")
-            except Exception as exc:
-                self._inflight.popleft()
-                log.exception("forward pass failed for model %s", self.name)
-                for job in {job for job, _ in head.batch}:
-                    self._retire(job, EngineFailedError(f"the forward pass of model {self.name} failed: {exc!r}"))
-                continue
-            self._inflight.popleft()
-            self._account(head, started, ended)
-            self._deliver(head.batch, results, started, ended)
+            for handed in finished:
+                self._inflight.remove(handed)
+                self._finish(handed)
+
+    def _finish(self, handed: Handed[T, R]) -> None:
+        """Delivers a finished batch's results, or fails its jobs when the forward pass failed."""
+        try:
+            results, started, ended = handed.future.result()
+            if len(results) != len(handed.batch):
+                raise RuntimeError(f"backend returned {len(results)} results for {len(handed.batch)} inputs")
+        except Exception as exc:
+            log.exception("forward pass failed for model %s", self.name)
+            for job in {job for job, _ in handed.batch}:
+                self._retire(job, EngineFailedError(f"the forward pass of model {self.name} failed: {exc!r}"))
+            return
+        self._account(handed, started, ended)
+        self._deliver(handed.batch, results, started, ended)
 
     def _account(self, handed: Handed[T, R], started: float, ended: float) -> None:
         """Feeds a finished batch's time to the cost model and the lanes' shares."""
@@ -433,4 +488,5 @@ class Scheduler(Generic[T, R]):
                     await self._task
         finally:
             # The current forward pass may still run: wait for it off the event loop.
-            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+            for executor in set(self._executors.values()):
+                await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
