@@ -8,7 +8,9 @@ under --cache-dir (bench/tiny.py). The corpus: seeded texts of 8-16 words.
 
   (f)  in-process: the corpus tokenized, sorted by length, cut into batches of --batch-size and
        run through ONNX Runtime with the server's own pieces; the CPU seconds of the forward
-       passes alone are the forward share of the server's CPU (no server running)
+       passes alone, run as each code's server runs them (new: this checkout's intra-op threads
+       per forward worker, no spinning; old: every core, spinning), are the forward share of
+       each server's CPU (no server running)
        start both servers (`python -m embedserve`, this checkout's and --baseline's worktree)
   each round, each phase on one server and then the other (odd rounds this checkout first):
   (u)  Embed, --clients unary clients x --request-size texts, the corpus once (shared queue)
@@ -33,7 +35,7 @@ from collections.abc import Sequence
 
 from bench.ceiling_phases import NEW, OLD, CeilingBench, Plan, measure_servers, phases
 from bench.harness import bench_main, make_corpus, step
-from bench.inprocess import Runner, measure_forward
+from bench.inprocess import Runner, measure_forward, server_forward_setup, spinning_setup
 from bench.options import add_shared_args, bench_parser, check_positive, server_flags
 from bench.process import Baseline, ServerProcess
 from bench.report import ceiling_report
@@ -80,8 +82,10 @@ def run(args: argparse.Namespace) -> CeilingBench:
     model = cached_tiny_dense(args.cache_dir, args.hidden_size)
     corpus = make_corpus(args.texts, args.seed, *WORDS)
     step(f"(f) in-process forward passes over {len(corpus)} texts, {model.name}")
-    reference, forward = measure_forward(model, corpus, Runner.from_args(args), args.forward_repeats)
-    step(f"(f) {forward.cpu_ms_per_1000():.1f} CPU ms per 1,000 texts; starting both servers")
+    setups = {NEW: server_forward_setup(args.intra_op_threads), OLD: spinning_setup(args.intra_op_threads)}
+    reference, forward = measure_forward(model, corpus, Runner.from_args(args), args.forward_repeats, setups)
+    costs = ", ".join(f"{code} {cost.cpu_ms_per_1000():.1f}" for code, cost in forward.items())
+    step(f"(f) CPU ms per 1,000 texts: {costs}; starting both servers")
     plan = Plan(
         corpus,
         args.request_size,

@@ -98,7 +98,7 @@ class CeilingBench:
     commit: str
     baseline_commit: str
     phases: list[Phase]
-    forward: ForwardCost
+    forward: dict[str, ForwardCost]  # by code: how that code's server runs a forward pass
     samples: list[Sample]
     profiles: dict[str, Profile]
     # Largest |server - in-process| per code, and between the two codes' vectors.
@@ -239,6 +239,8 @@ def thread_kind(name: str) -> str:
     """A Python thread's name without the parts that differ per model or per pool member."""
     if name.startswith("forward-"):
         return "forward"
+    if name.startswith("interactive-"):
+        return "interactive"
     return re.sub(r"_\d+$", "", name)
 
 

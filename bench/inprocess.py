@@ -28,6 +28,7 @@ from embedserve.backends.config import ModelConfig, load_model_config
 from embedserve.backends.onnx import OnnxBackend, export_model
 from embedserve.engine.kinds import DENSE, KINDS
 from embedserve.engine.pooling import normalize
+from embedserve.engine.registry import cpu_cores, forward_threads
 from embedserve.engine.tokenizer import TextTokenizer, Tokenized
 from embedserve.engine.types import EmbedResult, SparseVector, Timing, Usage
 from embedserve.models import bundled_path, resolve_model_path
@@ -149,8 +150,9 @@ def measure_dense(model: str, corpus: list[str], runner: Runner) -> tuple[FloatA
 @dataclass(frozen=True)
 class ForwardCost:
     """What the forward passes alone cost in this process (the least CPU of a few repeats):
-    `texts` tokenized, sorted by length in windows, cut into batches and run through ONNX Runtime,
-    with nothing else timed."""
+    `texts` tokenized, sorted by length in windows, cut into batches and run through ONNX Runtime
+    with `threads` intra-op threads (pool threads spinning between sections or not), with nothing
+    else timed."""
 
     texts: int
     batches: int
@@ -158,15 +160,37 @@ class ForwardCost:
     padded_tokens: int
     cpu_s: float
     seconds: float
+    threads: int
+    spinning: bool
 
     def cpu_ms_per_1000(self) -> float:
         """CPU milliseconds per 1,000 texts."""
         return self.cpu_s * 1e6 / self.texts
 
 
-def measure_forward(model: Path, texts: Sequence[str], runner: Runner, repeats: int) -> tuple[FloatArray, ForwardCost]:
-    """The vectors of `texts` (tokenize, forward, pool, normalize, as bench.embed's ceiling) and
-    the CPU seconds of the forward passes alone over the same batches, the least of `repeats`."""
+# How a server runs its forward passes on CPU: intra-op threads, and whether the pool spins.
+ForwardSetup = tuple[int, bool]
+
+
+def server_forward_setup(intra_op_threads: int) -> ForwardSetup:
+    """How this checkout's server runs each forward pass on this CPU with --intra-op-threads
+    (0: its default, cores / forward workers), its pool threads never spinning."""
+    settings = Settings(intra_op_threads=intra_op_threads)
+    return forward_threads(settings, False, cpu_cores())[1], False
+
+
+def spinning_setup(intra_op_threads: int) -> ForwardSetup:
+    """How servers before the forward workers (5d22d87, say) ran it: one forward pass at a time
+    on --intra-op-threads (0: every core), ONNX Runtime's pool threads spinning (its default)."""
+    return intra_op_threads or os.cpu_count() or 1, True
+
+
+def measure_forward(
+    model: Path, texts: Sequence[str], runner: Runner, repeats: int, setups: dict[str, ForwardSetup]
+) -> tuple[FloatArray, dict[str, ForwardCost]]:
+    """The vectors of `texts` (tokenize, forward, pool, normalize, as bench.embed's ceiling) and,
+    for each named setup, the CPU seconds of the forward passes alone over the same batches, the
+    least of `repeats` (setups interleaved, so drift hits them alike)."""
     engine = DenseModel(model, "auto", runner)
     engine.embed(texts[: 4 * runner.batch_size], runner.batch_size)  # warm-up: first-run allocations
     vectors, _ = engine.embed(texts, runner.batch_size, runner.window)
@@ -177,17 +201,25 @@ def measure_forward(model: Path, texts: Sequence[str], runner: Runner, repeats: 
         engine.tokenizer.collate([tokenized.encodings[i] for i in order[b : b + size]])
         for b in range(0, len(order), size)
     ]
-    runs = []
-    for _ in range(repeats):
-        cpu0, start = time.process_time(), time.perf_counter()
-        for ids, mask, types in batches:
-            engine.backend.forward(ids, mask, types)
-        runs.append((time.process_time() - cpu0, time.perf_counter() - start))
-    cpu_s, seconds = min(runs)
-    padded = sum(ids.size for ids, _, _ in batches)
+    model_file = export_model(engine.config, DENSE.graph, "fp32", runner.cache_dir)
     del engine
+    sessions = {name: cpu_session(model_file, *setup) for name, setup in setups.items()}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
+    for _ in range(repeats):
+        for name, session in sessions.items():
+            session.run(None, dict(zip(("input_ids", "attention_mask", "token_type_ids"), batches[0], strict=True)))
+            cpu0, start = time.process_time(), time.perf_counter()
+            for ids, mask, types in batches:
+                session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+            runs[name].append((time.process_time() - cpu0, time.perf_counter() - start))
+    del sessions
     gc.collect()
-    return vectors, ForwardCost(len(texts), len(batches), tokenized.tokens, padded, cpu_s, seconds)
+    padded = sum(ids.size for ids, _, _ in batches)
+    costs = {
+        name: ForwardCost(len(texts), len(batches), tokenized.tokens, padded, *min(runs[name]), *setups[name])
+        for name in setups
+    }
+    return vectors, costs
 
 
 # -- rerank and sparse: Rerank's and SparseEmbed's ceilings -----------------------------------------
@@ -303,14 +335,21 @@ LEVELS = {
 }
 
 
-def ort_session(model_file: Path, setting: OrtSetting) -> ort.InferenceSession:
-    """A CPU session with these settings (one inter-op thread, as the server)."""
-    threads, level, _ = setting
+def cpu_session(model_file: Path, threads: int, spinning: bool, level: str = "all") -> ort.InferenceSession:
+    """A CPU session as the server builds one (one inter-op thread; the server's pool threads do
+    not spin), with these intra-op threads, spinning and graph optimization level (of LEVELS)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+
+def ort_session(model_file: Path, setting: OrtSetting) -> ort.InferenceSession:
+    """A CPU session with these settings, as the server would build it."""
+    threads, level, _ = setting
+    return cpu_session(model_file, threads, False, level)
 
 
 def measure_ort_settings(

@@ -483,7 +483,8 @@ def shared_verdict(bench: SharedBench) -> list[str]:
 
 def ceiling_report(args: argparse.Namespace, bench: CeilingBench) -> list[str]:
     """The report of bench.ceiling, line by line."""
-    f, n = bench.forward, bench.forward.texts
+    f = bench.forward[NEW]
+    n = f.texts
     heading = (
         f"request-path ceiling: {n} texts (seed {args.seed}, 8-16 words, {f.tokens / n:.1f} tokens per text), "
         f"{bench.model.name} (2 layers, hidden {args.hidden_size}), batch {args.batch_size}, "
@@ -520,24 +521,31 @@ def ceiling_throughput(bench: CeilingBench) -> list[str]:
 
 def ceiling_cpu(args: argparse.Namespace, bench: CeilingBench) -> list[str]:
     """Server CPU ms per 1,000 texts, split into the forward pass and the rest; the bench's own."""
-    f = bench.forward
-    forward = f.cpu_ms_per_1000()
+    forward = {code: bench.forward[code].cpu_ms_per_1000() for code in CODES}
     rows = []
     for phase in bench.phases:
         server = {code: bench.cpu_ms_per_1000(phase.key, code) for code in CODES}
         client = {code: bench.cpu_ms_per_1000(phase.key, code, client=True) for code in CODES}
-        rows.append((phase.label, *(f"{server[c]:.1f}" for c in CODES), *(f"{server[c] - forward:.1f}" for c in CODES),
+        rest = {code: server[code] - forward[code] for code in CODES}
+        rows.append((phase.label, *(f"{server[c]:.1f}" for c in CODES), *(f"{rest[c]:.1f}" for c in CODES),
                      *(f"{client[c]:.1f}" for c in CODES)))  # fmt: skip
     header = ("CPU ms per 1,000 texts", f"server {NEW}", f"server {OLD}", f"rest {NEW}", f"rest {OLD}",
               f"bench {NEW}", f"bench {OLD}")  # fmt: skip
-    threads = f"{args.intra_op_threads} intra-op threads" if args.intra_op_threads else "intra-op threads = cores"
-    return [
+    f = bench.forward[NEW]
+    lines = [
         *table(rows, header),
-        f"  forward pass: {forward:.1f} CPU ms per 1,000 texts, measured in process (f) on the same corpus: "
-        f"{f.batches} batches of {args.batch_size}, padding efficiency {f.tokens / f.padded_tokens:.0%}, "
-        f"{threads}, least of {args.forward_repeats}; {f.texts / f.seconds:,.0f} texts/s of forward passes alone",
-        "  rest = server - forward: tokenizing, queueing, batching, pooling, protobuf, gRPC and asyncio",
+        f"  forward pass, measured in process (f) on the same corpus: {f.batches} batches of {args.batch_size}, "
+        f"padding efficiency {f.tokens / f.padded_tokens:.0%}, least of {args.forward_repeats}:",
     ]
+    for code in CODES:
+        cost = bench.forward[code]
+        spinning = "spinning" if cost.spinning else "not spinning"
+        lines.append(
+            f"    {code}: {forward[code]:.1f} CPU ms per 1,000 texts ({cost.threads} intra-op thread(s), pool "
+            f"{spinning}, as its server runs them); {cost.texts / cost.seconds:,.0f} texts/s of forward passes alone"
+        )
+    lines.append("  rest = server - forward: tokenizing, queueing, batching, pooling, protobuf, gRPC and asyncio")
+    return lines
 
 
 def profile_lines(code: str, profile: Profile) -> list[str]:

@@ -229,7 +229,7 @@ def ceiling_summary(args: argparse.Namespace, bench: CeilingBench) -> dict[str, 
         "bench": "ceiling_bench",
         "model": str(bench.model),
         "hidden_size": args.hidden_size,
-        "texts": bench.forward.texts,
+        "texts": bench.forward[NEW].texts,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "request_size": args.request_size,
@@ -238,7 +238,7 @@ def ceiling_summary(args: argparse.Namespace, bench: CeilingBench) -> dict[str, 
         "commit": bench.commit,
         "baseline_commit": bench.baseline_commit,
         "target_ratio": TARGET,
-        "forward": {**asdict(bench.forward), "cpu_ms_per_1000": bench.forward.cpu_ms_per_1000()},
+        "forward": {code: {**asdict(f), "cpu_ms_per_1000": f.cpu_ms_per_1000()} for code, f in bench.forward.items()},
         "phases": {phase.key: ceiling_phase_json(bench, phase.key) for phase in bench.phases},
         "idle_server_cpu_share": bench.idle_share(),
         "profiles": {code: asdict(p) for code, p in bench.profiles.items()},
@@ -248,14 +248,13 @@ def ceiling_summary(args: argparse.Namespace, bench: CeilingBench) -> dict[str, 
 
 def ceiling_phase_json(bench: CeilingBench, phase: str) -> dict[str, Any]:
     """One phase: texts/s and CPU per code, new over old, and every sample."""
-    forward = bench.forward.cpu_ms_per_1000()
     codes = {}
     for code in CODES:
         server = bench.cpu_ms_per_1000(phase, code)
         codes[code] = {
             "texts_per_s": asdict(bench.rate(phase, code)),
             "server_cpu_ms_per_1000": server,
-            "rest_cpu_ms_per_1000": server - forward,
+            "rest_cpu_ms_per_1000": server - bench.forward[code].cpu_ms_per_1000(),
             "bench_cpu_ms_per_1000": bench.cpu_ms_per_1000(phase, code, client=True),
             "samples": [{"round": s.round, **asdict(s.throughput)} for s in bench.of(phase, code)],
         }
