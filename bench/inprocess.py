@@ -205,12 +205,13 @@ def measure_forward(
     del engine
     sessions = {name: cpu_session(model_file, *setup) for name, setup in setups.items()}
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
+    feeds = [{"input_ids": ids, "attention_mask": mask, "token_type_ids": types} for ids, mask, types in batches]
     for _ in range(repeats):
         for name, session in sessions.items():
-            session.run(None, dict(zip(("input_ids", "attention_mask", "token_type_ids"), batches[0], strict=True)))
+            session.run(None, feeds[0])  # warm-up: first-run allocations
             cpu0, start = time.process_time(), time.perf_counter()
-            for ids, mask, types in batches:
-                session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+            for feed in feeds:
+                session.run(None, feed)
             runs[name].append((time.process_time() - cpu0, time.perf_counter() - start))
     del sessions
     gc.collect()
@@ -336,8 +337,8 @@ LEVELS = {
 
 
 def cpu_session(model_file: Path, threads: int, spinning: bool, level: str = "all") -> ort.InferenceSession:
-    """A CPU session as the server builds one (one inter-op thread; the server's pool threads do
-    not spin), with these intra-op threads, spinning and graph optimization level (of LEVELS)."""
+    """A CPU session built as the server builds one (one inter-op thread), with these intra-op
+    threads, pool spinning or not (the server's does not) and graph optimization level (of LEVELS)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
     options.intra_op_num_threads = threads

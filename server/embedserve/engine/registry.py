@@ -209,9 +209,9 @@ def cpu_cores() -> int:
 
 def forward_threads(settings: Settings, on_cuda: bool, cores: int) -> tuple[int, int]:
     """(bulk forward workers, intra-op threads of each forward pass). On CPU two single-threaded
-    forward passes at once beat one on both cores: measured on 2 cores, bulk ran 1.02-1.08x
-    faster and a query cost it 4-5% instead of 10-17% (docs/benchmarks.md). On CUDA one stream
-    runs one batch at a time."""
+    forward passes at once beat one on both cores: measured on 2 cores, bulk alone ran 1.01-1.11x
+    the one-worker server's, and ten queries a second beside it cost it 4-5% instead of 17-25%
+    (docs/benchmarks.md). On CUDA one stream runs one batch at a time."""
     workers = settings.forward_workers or (1 if on_cuda else 2)
     return workers, settings.intra_op_threads or max(1, cores // workers)
 
