@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from embedserve.auth import ApiKeyInterceptor
 from embedserve.engine.engine import Engine
+from embedserve.limits import WorkLimiter
 from embedserve.services.embedding import EmbeddingService
 from embedserve.services.openai import OpenAIService
 from embedserve.settings import Settings
@@ -33,14 +34,23 @@ def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, i
     With API keys configured, both embedding services need one; health and reflection stay open.
     """
     services = (SERVICE_NAME, REST_SERVICE_NAME)
-    interceptors = [ApiKeyInterceptor(settings.api_keys, services)] if settings.api_keys else []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if settings.api_keys:
+        interceptors.append(ApiKeyInterceptor(settings.api_keys, services))
+    # Not gRPC's maximum_concurrent_rpcs: it counts health checks and idle streams alike, so
+    # enough idle streams made health RESOURCE_EXHAUSTED and an orchestrator restart a healthy server.
+    interceptors.append(WorkLimiter(services, settings.max_concurrency, settings.max_streams))
     server = grpc.aio.server(
         interceptors=interceptors,
-        maximum_concurrent_rpcs=settings.max_concurrency,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # A connection with no call for 5 minutes is closed (GOAWAY; clients reconnect on their
+            # next call), and one whose peer stopped answering pings is dropped after 60 + 20 s.
+            ("grpc.max_connection_idle_ms", 300_000),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
         ],
     )
     pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingService(engine), server)

@@ -65,6 +65,10 @@ class UnauthenticatedError(EmbedServeError):
     """The request carries no valid API key."""
 
 
+class StreamIdleError(EmbedServeError):
+    """A stream sent nothing for too long with nothing in flight; the caller may open a new one."""
+
+
 class EngineFailedError(EmbedServeError):
     """The model worker crashed; a bug or a broken device, never the caller's fault."""
 
@@ -82,6 +86,7 @@ STATUS_CODES: dict[type[EmbedServeError], grpc.StatusCode] = {
     DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
     CancelledRequestError: grpc.StatusCode.CANCELLED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    StreamIdleError: grpc.StatusCode.UNAVAILABLE,
     EngineFailedError: grpc.StatusCode.INTERNAL,
 }
 

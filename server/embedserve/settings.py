@@ -258,7 +258,21 @@ class Settings:
         "inputs (or pairs) waiting per model, over all requests, before unary requests get `RESOURCE_EXHAUSTED`",
     )
     max_concurrency: int = setting(
-        1024, "MAX_CONCURRENCY", positive_int, "concurrent RPCs; more get `RESOURCE_EXHAUSTED` from gRPC itself"
+        1024,
+        "MAX_CONCURRENCY",
+        positive_int,
+        "unary embedding RPCs (REST routes included) handled at once; more get `RESOURCE_EXHAUSTED` at once. "
+        "Health and reflection are never counted",
+    )
+    max_streams: int = setting(
+        1024, "MAX_STREAMS", positive_int, "open `EmbedStream` calls; more get `RESOURCE_EXHAUSTED` at once"
+    )
+    stream_idle_timeout: float = setting(
+        60.0,
+        "STREAM_IDLE_TIMEOUT",
+        seconds,
+        "an `EmbedStream` that sends no request for this long while none of its requests is being answered is "
+        "closed with `UNAVAILABLE`; 0: never",
     )
     max_inputs_per_request: int = setting(2048, "MAX_INPUTS_PER_REQUEST", positive_int, "inputs in one request")
     max_batch_tokens: int = setting(

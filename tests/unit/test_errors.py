@@ -16,6 +16,7 @@ from embedserve.errors import (
     InvalidInputError,
     ModelNotFoundError,
     OverloadedError,
+    StreamIdleError,
     UnauthenticatedError,
     WrongModelKindError,
     status_for,
@@ -32,6 +33,7 @@ from embedserve.errors import (
         (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
         (CancelledRequestError, grpc.StatusCode.CANCELLED),
         (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+        (StreamIdleError, grpc.StatusCode.UNAVAILABLE),
         (EngineFailedError, grpc.StatusCode.INTERNAL),
     ],
 )

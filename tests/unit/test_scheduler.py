@@ -847,3 +847,43 @@ async def test_alongside_a_query_past_its_deadline_and_a_cancelled_bulk_job_neve
 def test_a_scheduler_needs_a_worker() -> None:
     with pytest.raises(ValueError, match="at least one worker"):
         Scheduler("fake", FakeBackend(), BatchLimits(4, 100), 10, workers=0)
+
+
+# -- admission: unary requests and waiting streams share the queue -----------------------------
+
+
+async def test_a_unary_request_that_fits_is_admitted_while_a_stream_waits_for_room(
+    make_scheduler: MakeScheduler,
+) -> None:
+    h = make_scheduler(queue_size=8)
+    h.backend.hold()
+    await h.scheduler.submit(job("stream", [1] * 5))
+    waiting = asyncio.create_task(h.scheduler.submit(job("waiting", [1] * 4)))  # 5 + 4 > 8: waits
+    await settle()
+    assert not waiting.done()
+    unary = job("unary", [1] * 3)
+    h.scheduler.submit_nowait(unary)  # 5 + 3 fits: admitted, though a stream waits
+    with pytest.raises(OverloadedError, match="8 inputs queued and takes at most 8"):
+        h.scheduler.submit_nowait(job("no room", [1]))
+    h.backend.release()
+    assert await result_of(unary) == expected(unary)
+    await asyncio.wait_for(waiting, TIMEOUT_S)
+
+
+async def test_while_streams_wait_unary_work_keeps_at_most_half_the_queue(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(queue_size=16)
+    h.backend.hold()
+    first, second, streamed = job("first", [1] * 6), job("second", [1] * 2), job("waiting", [1] * 12)
+    h.scheduler.submit_nowait(first)  # unary, before any stream waits
+    waiting = asyncio.create_task(h.scheduler.submit(streamed))
+    await settle()
+    h.scheduler.submit_nowait(second)  # 8 of unary work: half the queue
+    with pytest.raises(OverloadedError, match="8 inputs of unary requests queued, half of its 16"):
+        h.scheduler.submit_nowait(job("third", [1] * 2))  # room for it (10 of 16), but over the half
+    q = query("q")
+    h.scheduler.submit_nowait(q)  # interactive work is not held to the half
+    h.backend.release()
+    await asyncio.wait_for(waiting, TIMEOUT_S)
+    for done in (q, first, second, streamed):
+        assert await result_of(done) == expected(done)
+    assert h.scheduler.queued == 0 and h.scheduler._unary_queued == 0  # every count given back

@@ -115,7 +115,8 @@ class Engine:
         async def answer(request: tuple[K, EmbedParams]) -> EmbedResult:
             return await self.embed(request[1], call, wait=True)
 
-        async for (key, _), outcome in windowed(requests, answer, self.settings.stream_window):
+        window, idle_s = self.settings.stream_window, self.settings.stream_idle_timeout
+        async for (key, _), outcome in windowed(requests, answer, window, idle_s):
             yield key, outcome
 
     async def sparse_embed(self, params: SparseParams, call: Call = NO_CALL) -> SparseResult:

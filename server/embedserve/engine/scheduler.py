@@ -96,6 +96,7 @@ class Job(Generic[T, R]):
         self.admitted_at = time.monotonic()
         self.last_batch_started_at = self.admitted_at
         self.inference_s = 0.0
+        self.unary = False  # admitted by submit_nowait (a unary request), not by a waiting submit
 
     @property
     def done(self) -> bool:
@@ -156,6 +157,7 @@ class Scheduler(Generic[T, R]):
         self._last_interactive = -math.inf
         self._live: set[Job[T, R]] = set()
         self._queued = 0  # admitted items not yet computed or dropped
+        self._unary_queued = 0  # of them, those of jobs admitted without waiting (unary requests)
         self._space_waiters: collections.deque[tuple[Job[T, R], asyncio.Future[None]]] = collections.deque()
         self._wakeup = asyncio.Event()
         bulk = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"forward-{name}")
@@ -185,13 +187,24 @@ class Scheduler(Generic[T, R]):
     def submit_nowait(self, job: Job[T, R]) -> None:
         """Admits a job or fails fast with OverloadedError when the queue cannot take it."""
         self._check_healthy()
-        # Bulk waiters queue first come, first served; an interactive job that fits goes ahead.
-        waiting_first = bool(self._space_waiters) and job.priority is Priority.BULK
-        if self._queued + job.size > self.queue_size or waiting_first:
+        if self._queued + job.size > self.queue_size:
             raise OverloadedError(
                 f"model {self.name} has {self._queued} inputs queued and takes at most "
                 f"{self.queue_size}: retry later with backoff, or send fewer inputs at once"
             )
+        # A unary job that fits is admitted even while streams wait for room (they take room the
+        # moment it frees, first come, first served); but then bulk unary work keeps at most half
+        # of the queue, so that a flood of it cannot keep the waiting streams out for good.
+        if (
+            self._space_waiters
+            and job.priority is Priority.BULK
+            and self._unary_queued + job.size > self.queue_size // 2
+        ):
+            raise OverloadedError(
+                f"model {self.name} has {self._unary_queued} inputs of unary requests queued, half of its "
+                f"{self.queue_size} while streams wait for room: retry later with backoff"
+            )
+        job.unary = True
         self._admit(job)
 
     async def submit(self, job: Job[T, R]) -> None:
@@ -219,6 +232,8 @@ class Scheduler(Generic[T, R]):
 
     def _admit(self, job: Job[T, R]) -> None:
         self._queued += job.size
+        if job.unary:
+            self._unary_queued += job.size
         self._live.add(job)
         self._waiting[job.priority].append(job)
         if job.priority is Priority.INTERACTIVE:
@@ -251,6 +266,8 @@ class Scheduler(Generic[T, R]):
             return
         self._live.discard(job)
         self._queued -= job.uncomputed
+        if job.unary:
+            self._unary_queued -= job.uncomputed
         job.uncomputed = 0
         if not job.future.done():
             job.future.set_exception(error)
@@ -454,6 +471,7 @@ class Scheduler(Generic[T, R]):
             job.results[pos] = result
             job.uncomputed -= 1
             self._queued -= 1
+            self._unary_queued -= job.unary
             touched.add(job)
         for job in touched:
             job.inference_s += ended - started

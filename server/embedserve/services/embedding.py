@@ -37,12 +37,15 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             caller = call(context)
         except EmbedServeError as exc:  # a malformed priority header: the stream never starts
             await context.abort(*status(exc, "EmbedStream", self.words))
-        async for message, outcome in self._engine.embed_stream(requests(), caller):
-            if isinstance(outcome, Exception):
-                yield convert.stream_error(message.id, *status(outcome, "EmbedStream", self.words))
-            else:
-                response = convert.embed_response(outcome, message.request.encoding)
-                yield pb.EmbedStreamResponse(id=message.id, response=response)
+        try:
+            async for message, outcome in self._engine.embed_stream(requests(), caller):
+                if isinstance(outcome, Exception):
+                    yield convert.stream_error(message.id, *status(outcome, "EmbedStream", self.words))
+                else:
+                    response = convert.embed_response(outcome, message.request.encoding)
+                    yield pb.EmbedStreamResponse(id=message.id, response=response)
+        except EmbedServeError as exc:  # the stream as a whole ends (idle too long): its status says why
+            await context.abort(*status(exc, "EmbedStream", self.words))
 
     @unary
     async def SparseEmbed(self, request: pb.SparseEmbedRequest, context: Context) -> pb.SparseEmbedResponse:

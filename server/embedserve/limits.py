@@ -1,0 +1,85 @@
+"""Concurrency limits that count work, not connections: unary calls of the embedding services
+against MAX_CONCURRENCY, open streams against MAX_STREAMS. Health and reflection are never
+counted, so no number of open streams or calls can make health lie or lock grpcurl out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+
+from embedserve.errors import OverloadedError, status_for
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class WorkLimiter(grpc.aio.ServerInterceptor):
+    """Refuses, with RESOURCE_EXHAUSTED at once, a unary call or a stream of the limited services
+    beyond its limit; `unary` and `streams` say how many run now."""
+
+    def __init__(self, services: Iterable[str], max_unary: int, max_streams: int) -> None:
+        self._prefixes = tuple(f"/{service}/" for service in services)
+        self._max_unary = max_unary
+        self._max_streams = max_streams
+        self.unary = 0
+        self.streams = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefixes):
+            return handler
+        if handler.request_streaming and handler.response_streaming:
+            return self._counted_stream(handler)
+        if not handler.request_streaming and not handler.response_streaming:
+            return self._counted_unary(handler)
+        return handler  # no such method in our services
+
+    def _counted_unary(self, handler: grpc.RpcMethodHandler[Req, Resp]) -> grpc.RpcMethodHandler[Req, Resp]:
+        behavior: Any = handler.unary_unary
+
+        async def unary(request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+            if self.unary >= self._max_unary:
+                await context.abort(
+                    *status_for(
+                        OverloadedError(
+                            f"the server is answering {self.unary} unary requests, its MAX_CONCURRENCY: "
+                            "retry later with backoff"
+                        )
+                    )
+                )
+            self.unary += 1
+            try:
+                result: Resp = await behavior(request, context)
+                return result
+            finally:
+                self.unary -= 1
+
+        return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+
+    def _counted_stream(self, handler: grpc.RpcMethodHandler[Req, Resp]) -> grpc.RpcMethodHandler[Req, Resp]:
+        behavior: Any = handler.stream_stream
+
+        async def stream(requests: AsyncIterator[Req], context: grpc.aio.ServicerContext[Req, Resp]) -> None:
+            if self.streams >= self._max_streams:
+                await context.abort(
+                    *status_for(
+                        OverloadedError(
+                            f"the server has {self.streams} streams open, its MAX_STREAMS: close idle streams, "
+                            "or retry later with backoff"
+                        )
+                    )
+                )
+            self.streams += 1
+            try:
+                async for response in behavior(requests, context):
+                    await context.write(response)
+            finally:
+                self.streams -= 1
+
+        return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
