@@ -35,42 +35,24 @@ async def windowed(
             outcome = exc
         done.put_nowait((item, outcome))
 
-    # The idle clock: armed while the reader waits for an item and no answer is in flight; when
-    # it rings, the reader is cancelled and ends the stream with StreamIdleError. (A timer rather
-    # than wait_for around each read, which would run every read in a task of its own.)
-    loop = asyncio.get_running_loop()
-    idle: dict[str, asyncio.TimerHandle | bool] = {"waiting": False, "rang": False}
-
-    def ring() -> None:
-        idle["rang"] = True
-        reader.cancel()
-
-    def arm() -> None:
-        if idle_s and idle["waiting"] and not tasks and "timer" not in idle:
-            idle["timer"] = loop.call_later(idle_s, ring)
-
-    def disarm() -> None:
-        timer = idle.pop("timer", None)
-        if isinstance(timer, asyncio.TimerHandle):
-            timer.cancel()
+    clock = _IdleClock(idle_s, lambda: reader.cancel())
 
     def answered(task: asyncio.Task[None]) -> None:
         tasks.discard(task)
-        arm()
+        if not tasks:
+            clock.nothing_in_flight()
 
     async def read() -> None:
         iterator = aiter(items)
         try:
             while True:
-                idle["waiting"] = True
-                arm()
+                clock.waiting(in_flight=bool(tasks))
                 try:
                     item = await anext(iterator)
                 except StopAsyncIteration:
                     break
                 finally:
-                    idle["waiting"] = False
-                    disarm()
+                    clock.stop()
                 await window.acquire()
                 task = asyncio.create_task(run(item))
                 tasks.add(task)
@@ -78,7 +60,7 @@ async def windowed(
             if tasks:
                 await asyncio.gather(*tasks)
         except asyncio.CancelledError:
-            if idle["rang"]:
+            if clock.rang:
                 raise StreamIdleError(
                     f"no request came on this stream for {idle_s:g} s while none was being answered "
                     "(STREAM_IDLE_TIMEOUT): the server closed it; open a new stream when there is work"
@@ -97,3 +79,38 @@ async def windowed(
         reader.cancel()
         for task in list(tasks):
             task.cancel()
+
+
+class _IdleClock:
+    """Rings (calls `ring` once) when the reader has waited `idle_s` for the next item with no
+    answer in flight. A timer rather than wait_for around each read, which would run every read
+    in a task of its own."""
+
+    def __init__(self, idle_s: float, ring: Callable[[], object]) -> None:
+        self._idle_s = idle_s
+        self._ring = ring
+        self._waiting = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.rang = False
+
+    def waiting(self, in_flight: bool) -> None:
+        """The reader waits for the next item; the clock runs unless answers are in flight."""
+        self._waiting = True
+        if not in_flight:
+            self.nothing_in_flight()
+
+    def nothing_in_flight(self) -> None:
+        """The last answer in flight is done: the clock runs if the reader waits."""
+        if self._idle_s and self._waiting and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._idle_s, self._rings)
+
+    def stop(self) -> None:
+        """An item came (or the stream ended): the clock stops."""
+        self._waiting = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _rings(self) -> None:
+        self.rang = True
+        self._ring()
