@@ -10,7 +10,8 @@ Usage:
       The server (`python -m embedserve SERVER ARGS`) and Envoy together, as `make run` does;
       Ctrl-C or SIGTERM stops both (the server drains first).
 
-Defaults: listen on $GATEWAY_LISTEN or 0.0.0.0:8080; upstream $GATEWAY_UPSTREAM or 127.0.0.1 at
+Defaults: listen on $GATEWAY_LISTEN or 127.0.0.1:8080 (this machine only; the image's Envoy stage
+renders 0.0.0.0:8080); upstream $GATEWAY_UPSTREAM or 127.0.0.1 at
 the server's port. The server's port and message limit are read from its own settings
 (embedserve.settings: SERVER ARGS, the environment and its config file), so that Envoy's body
 limit is always the server's MAX_MESSAGE_BYTES.
@@ -166,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"embedserve: configuration error: {exc}", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--listen", default=os.environ.get("GATEWAY_LISTEN", "0.0.0.0:8080"))
+    parser.add_argument("--listen", default=os.environ.get("GATEWAY_LISTEN", "127.0.0.1:8080"))
     parser.add_argument("--upstream", default=os.environ.get("GATEWAY_UPSTREAM", f"127.0.0.1:{server_settings.port}"))
     parser.add_argument("--with-server", action="store_true", help="also run `python -m embedserve`")
     parser.add_argument("--log-level", default="warn", help="Envoy's log level")

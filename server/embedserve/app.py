@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 
@@ -66,6 +67,26 @@ def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, i
     return server, port, health_servicer
 
 
+def exposure_warning(host: str, keyed: bool) -> str | None:
+    """What to say when the server listens beyond loopback with no API key: anyone who can reach
+    the port can use it."""
+    if keyed or _loopback(host):
+        return None
+    return (
+        f"listening on {host}, beyond this machine, with no API key: anyone who can reach the port can use "
+        "the server. Set API_KEYS, or EMBEDSERVE_HOST=127.0.0.1 to serve this machine only"
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
     """Sets the overall and per-service health status."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -108,6 +129,9 @@ async def serve(
         port,
         f"API key required, {len(settings.api_keys)} configured" if settings.api_keys else "no API key required",
     )
+    warning = exposure_warning(settings.host, bool(settings.api_keys))
+    if warning:
+        log.warning("%s", warning)
     if ready is not None:
         ready.set_result(port)
     await stop.wait()

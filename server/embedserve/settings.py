@@ -249,7 +249,13 @@ class Settings:
     # Out of the box: dense embeddings (and bi-encoder rerank) with MiniLM, sparse with SPLADE.
     # Built from the per-model settings of ModelSettings.
     models: tuple[ModelSettings, ...] = (ModelSettings(DEFAULT_DENSE_MODEL), ModelSettings(DEFAULT_SPARSE_MODEL))
-    host: str = setting("0.0.0.0", "EMBEDSERVE_HOST", text, "address gRPC listens on")
+    host: str = setting(
+        "127.0.0.1",
+        "EMBEDSERVE_HOST",
+        text,
+        "address gRPC listens on: this machine only by default; the container image sets 0.0.0.0. Beyond "
+        "loopback with no `API_KEYS`, startup logs a warning",
+    )
     port: int = setting(50051, "EMBEDSERVE_PORT", non_negative_int, "gRPC port; 0 picks a free one")
     queue_size: int = setting(
         16384,

@@ -251,3 +251,32 @@ def test_api_keys_of_only_separators_is_a_config_error_rather_than_silently_no_a
 def test_api_keys_never_appear_in_the_settings_repr() -> None:
     settings = load_settings([], {"API_KEYS": "very-secret"})
     assert "very-secret" not in repr(settings)
+
+
+def test_the_server_listens_on_loopback_by_default() -> None:
+    assert Settings().host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("host", "keyed", "warns"),
+    [
+        ("127.0.0.1", False, False),
+        ("::1", False, False),
+        ("[::1]", False, False),
+        ("localhost", False, False),
+        ("0.0.0.0", False, True),
+        ("::", False, True),
+        ("10.1.2.3", False, True),
+        ("embedserve.internal", False, True),
+        ("0.0.0.0", True, False),
+    ],
+)
+def test_listening_beyond_loopback_with_no_api_key_warns_and_says_what_to_set(
+    host: str, keyed: bool, warns: bool
+) -> None:
+    from embedserve.app import exposure_warning
+
+    warning = exposure_warning(host, keyed)
+    assert (warning is not None) is warns
+    if warning:
+        assert f"listening on {host}" in warning and "API_KEYS" in warning and "EMBEDSERVE_HOST=127.0.0.1" in warning
