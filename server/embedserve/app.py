@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedserve.auth import ApiKeyInterceptor
+from embedserve.decoding import DecodeGuard
 from embedserve.engine.engine import Engine
 from embedserve.limits import WorkLimiter
 from embedserve.services.embedding import EmbeddingService
@@ -41,6 +42,7 @@ def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, i
     # Not gRPC's maximum_concurrent_rpcs: it counts health checks and idle streams alike, so
     # enough idle streams made health RESOURCE_EXHAUSTED and an orchestrator restart a healthy server.
     interceptors.append(WorkLimiter(services, settings.max_concurrency, settings.max_streams))
+    interceptors.append(DecodeGuard(services))  # innermost: it decodes what the handler gets
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

@@ -190,3 +190,15 @@ def test_the_priority_header_reaches_the_server_through_envoy(
     assert bad.status_code == 400
     assert "x-embedserve-priority must be interactive or bulk" in bad.json()["error"]["message"]
     assert [lane for lane, _ in lanes.jobs] == ["interactive", "bulk"]
+
+
+@pytest.mark.parametrize("depth", [50, 99])
+def test_input_nested_deep_is_400_with_an_openai_error_body_not_500(http: httpx.Client, depth: int) -> None:
+    nested: object = "x"
+    for _ in range(depth):
+        nested = [nested]
+    response = http.post("/v1/embeddings", json={"input": nested})
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert error["code"] == "invalid_argument"
+    assert error["type"] == "invalid_request_error"

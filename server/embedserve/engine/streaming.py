@@ -59,6 +59,10 @@ async def windowed(
                 task.add_done_callback(answered)
             if tasks:
                 await asyncio.gather(*tasks)
+        except Exception:  # a failed read: the answers in flight still go out, then the error
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         except asyncio.CancelledError:
             if clock.rang:
                 raise StreamIdleError(

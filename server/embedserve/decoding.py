@@ -1,0 +1,90 @@
+"""Requests that do not decode get INVALID_ARGUMENT, not UNKNOWN with a Python class name.
+
+grpc decodes each message before the handler runs, and a deserializer that raises (a corrupt
+message, a string field that is not UTF-8, JSON nested past protobuf's depth limit once Envoy
+transcoded it) ends the call with a status the server cannot choose. So the services' messages
+arrive as bytes, and are decoded here, where a failure becomes INVALID_ARGUMENT saying what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+
+from embedserve.errors import InvalidInputError, status_for
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Decodes the requests of the guarded services itself (unary and bidirectional streaming)."""
+
+    def __init__(self, services: Iterable[str]) -> None:
+        self._prefixes = tuple(f"/{service}/" for service in services)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefixes):
+            return handler
+        decode = handler.request_deserializer
+        if decode is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if not handler.request_streaming and not handler.response_streaming:
+            return _guarded_unary(handler, decode, method)
+        if handler.request_streaming and handler.response_streaming:
+            return _guarded_stream(handler, decode, method)
+        return handler
+
+
+def _invalid(method: str, error: Exception) -> InvalidInputError:
+    return InvalidInputError(
+        f"the {method} request is not a valid message ({error}): send a well-formed protobuf message, "
+        "with UTF-8 text in every string field (or, over REST, JSON nested at most a few levels deep)"
+    )
+
+
+def _guarded_unary(
+    handler: grpc.RpcMethodHandler[Any, Any], decode: Callable[[bytes], Any], method: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    behavior: Any = handler.unary_unary
+
+    async def unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            request = decode(raw)
+        except Exception as exc:
+            await context.abort(*status_for(_invalid(method, exc)))
+        return await behavior(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary, None, handler.response_serializer)
+
+
+def _guarded_stream(
+    handler: grpc.RpcMethodHandler[Any, Any], decode: Callable[[bytes], Any], method: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    behavior: Any = handler.stream_stream
+
+    async def stream(
+        raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        # A message that does not decode ends the stream: the servicer turns the error into its
+        # status once the answers in flight are sent.
+        async def requests() -> AsyncIterator[Any]:
+            async for raw in raw_requests:
+                try:
+                    request = decode(raw)
+                except Exception as exc:
+                    raise _invalid(method, exc) from None
+                yield request
+
+        async for response in behavior(requests(), context):
+            yield response  # WorkLimiter, outside, writes them
+
+    return grpc.stream_stream_rpc_method_handler(stream, None, handler.response_serializer)
