@@ -5,8 +5,11 @@ a stream idle for STREAM_IDLE_TIMEOUT is closed with UNAVAILABLE."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,74 +30,73 @@ def limited() -> Iterator[RunningServer]:
     running.stop()
 
 
+class IdleStreams:
+    """`count` idle EmbedStreams held by a client process of their own (tests/integration/
+    idle_streams.py): each answered once, so the server surely runs it, then silent."""
+
+    def __init__(self, address: str, count: int) -> None:
+        script = Path(__file__).with_name("idle_streams.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), address, str(count)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[2],
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.proc.kill()
+            raise AssertionError(f"the idle streams did not open: {line!r}")
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("done\n")
+        self.proc.stdin.flush()
+        assert self.proc.wait(timeout=60) == 0
+
+
+def health_and_embed(address: str) -> tuple[int, int]:
+    channel = grpc.insecure_channel(address)
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    reply = pb_grpc.EmbeddingServiceStub(channel).Embed(pb.EmbedRequest(inputs=["still here"]), timeout=30)
+    return health.status, len(reply.embeddings)
+
+
+def test_a_thousand_idle_streams_leave_health_serving_and_unary_calls_answered(server: RunningServer) -> None:
+    streams = IdleStreams(server.address, server.settings.max_streams)
+    try:
+        assert health_and_embed(server.address) == (health_pb2.HealthCheckResponse.SERVING, 1)
+    finally:
+        streams.close()
+
+
+def test_a_stream_beyond_max_streams_is_refused_at_once_and_health_stays_serving(limited: RunningServer) -> None:
+    streams = IdleStreams(limited.address, limited.settings.max_streams)
+    try:
+        stop = threading.Event()
+
+        def silent() -> Iterator[pb.EmbedStreamRequest]:
+            stop.wait(30)
+            return
+            yield
+
+        extra = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(limited.address)).EmbedStream(silent(), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(extra)
+        stop.set()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "16 streams open, its MAX_STREAMS" in (refused.value.details() or "")
+        assert health_and_embed(limited.address) == (health_pb2.HealthCheckResponse.SERVING, 1)
+    finally:
+        streams.close()
+
+
 async def never_sends(stop: asyncio.Event) -> AsyncIterator[pb.EmbedStreamRequest]:
     """A stream's requests that never come, until `stop`."""
     await stop.wait()
     return
     yield  # an async generator
-
-
-async def health_and_embed(channel: grpc.aio.Channel) -> tuple[int, int]:
-    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-    reply = await pb_grpc.EmbeddingServiceStub(channel).Embed(pb.EmbedRequest(inputs=["still here"]), timeout=30)
-    return health.status, len(reply.embeddings)
-
-
-async def one_then_nothing(stop: asyncio.Event) -> AsyncIterator[pb.EmbedStreamRequest]:
-    """A stream's requests: one, then none until `stop`."""
-    yield pb.EmbedStreamRequest(id="0", request=pb.EmbedRequest(inputs=["then silence"]))
-    await stop.wait()
-
-
-async def open_idle_streams(address: str, count: int, stop: asyncio.Event) -> tuple[list[Any], list[grpc.aio.Channel]]:
-    """`count` EmbedStreams over 16 connections, as many clients would open them, each answered
-    once (so the server surely runs it) and then idle."""
-    channels = [grpc.aio.insecure_channel(address) for _ in range(16)]
-    stubs = [pb_grpc.EmbeddingServiceStub(channel) for channel in channels]
-    calls = [stubs[i % len(stubs)].EmbedStream(one_then_nothing(stop)) for i in range(count)]
-    firsts: list[Any] = await asyncio.wait_for(asyncio.gather(*(call.read() for call in calls)), 120)
-    assert {first.id for first in firsts} == {"0"}
-    return calls, channels
-
-
-async def close_streams(calls: list[Any], channels: list[grpc.aio.Channel], stop: asyncio.Event) -> None:
-    stop.set()
-    for call in calls:
-        call.cancel()
-    for channel in channels:
-        await channel.close()
-
-
-def test_a_thousand_idle_streams_leave_health_serving_and_unary_calls_answered(server: RunningServer) -> None:
-    async def scenario() -> tuple[int, int]:
-        stop = asyncio.Event()
-        calls, channels = await open_idle_streams(server.address, server.settings.max_streams, stop)
-        try:
-            async with grpc.aio.insecure_channel(server.address) as other:
-                return await health_and_embed(other)
-        finally:
-            await close_streams(calls, channels, stop)
-
-    assert asyncio.run(scenario()) == (health_pb2.HealthCheckResponse.SERVING, 1)
-
-
-def test_a_stream_beyond_max_streams_is_refused_at_once_and_health_stays_serving(limited: RunningServer) -> None:
-    async def scenario() -> tuple[grpc.StatusCode, str, tuple[int, int]]:
-        stop = asyncio.Event()
-        calls, channels = await open_idle_streams(limited.address, limited.settings.max_streams, stop)
-        try:
-            async with grpc.aio.insecure_channel(limited.address) as other:
-                extra = pb_grpc.EmbeddingServiceStub(other).EmbedStream(never_sends(stop), timeout=10)
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await extra.read()
-                return refused.value.code(), refused.value.details() or "", await health_and_embed(other)
-        finally:
-            await close_streams(calls, channels, stop)
-
-    code, message, after = asyncio.run(scenario())
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "16 streams open, its MAX_STREAMS" in message
-    assert after == (health_pb2.HealthCheckResponse.SERVING, 1)
 
 
 def test_a_unary_call_beyond_max_concurrency_is_refused_at_once_and_health_is_not_counted(

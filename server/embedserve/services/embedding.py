@@ -44,7 +44,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 else:
                     response = convert.embed_response(outcome, message.request.encoding)
                     yield pb.EmbedStreamResponse(id=message.id, response=response)
-        except EmbedServeError as exc:  # the stream as a whole ends (idle too long): its status says why
+        except EmbedServeError as exc:  # the stream as a whole ends (idle, or a message that did not decode)
             await context.abort(*status(exc, "EmbedStream", self.words))
 
     @unary
