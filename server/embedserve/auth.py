@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import TypeVar
 
 import grpc
 
 from embedserve.errors import UnauthenticatedError, status_for
+from embedserve.intercept import ServiceInterceptor
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -22,25 +23,20 @@ Resp = TypeVar("Resp")
 HOW_TO_SEND = "send 'authorization: Bearer <key>' (gRPC metadata, or the HTTP Authorization header over REST)"
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeyInterceptor(ServiceInterceptor):
     """Refuses calls to the protected services whose metadata carries none of the configured keys."""
 
     def __init__(self, api_keys: Iterable[str], services: Iterable[str]) -> None:
+        super().__init__(services)
         # Digests, so that the comparison takes the same time whatever the keys' lengths.
         self._digests = tuple(hashlib.sha256(key.encode()).digest() for key in api_keys if key)
         if not self._digests:
             raise ValueError("ApiKeyInterceptor needs at least one non-empty API key")
-        self._prefixes = tuple(f"/{service}/" for service in services)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefixes):
-            return handler
-        error = self.check(handler_call_details.invocation_metadata)
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Req, Resp], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Req, Resp]:
+        error = self.check(details.invocation_metadata)
         if error is None:
             return handler
         return _aborting_handler(handler, error)

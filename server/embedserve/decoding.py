@@ -8,35 +8,28 @@ arrive as bytes, and are decoded here, where a failure becomes INVALID_ARGUMENT 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from embedserve.errors import InvalidInputError, status_for
+from embedserve.intercept import ServiceInterceptor
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-class DecodeGuard(grpc.aio.ServerInterceptor):
+class DecodeGuard(ServiceInterceptor):
     """Decodes the requests of the guarded services itself (unary and bidirectional streaming)."""
 
-    def __init__(self, services: Iterable[str]) -> None:
-        self._prefixes = tuple(f"/{service}/" for service in services)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefixes):
-            return handler
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Req, Resp], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Req, Resp]:
         decode = handler.request_deserializer
         if decode is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        method = details.method.rsplit("/", 1)[-1]
         if not handler.request_streaming and not handler.response_streaming:
             return _guarded_unary(handler, decode, method)
         if handler.request_streaming and handler.response_streaming:

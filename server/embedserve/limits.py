@@ -4,36 +4,32 @@ counted, so no number of open streams or calls can make health lie or lock grpcu
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, TypeVar
 
 import grpc
 
 from embedserve.errors import OverloadedError, status_for
+from embedserve.intercept import ServiceInterceptor
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-class WorkLimiter(grpc.aio.ServerInterceptor):
+class WorkLimiter(ServiceInterceptor):
     """Refuses, with RESOURCE_EXHAUSTED at once, a unary call or a stream of the limited services
     beyond its limit; `unary` and `streams` say how many run now."""
 
     def __init__(self, services: Iterable[str], max_unary: int, max_streams: int) -> None:
-        self._prefixes = tuple(f"/{service}/" for service in services)
+        super().__init__(services)
         self._max_unary = max_unary
         self._max_streams = max_streams
         self.unary = 0
         self.streams = 0
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefixes):
-            return handler
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Req, Resp], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Req, Resp]:
         if handler.request_streaming and handler.response_streaming:
             return self._counted_stream(handler)
         if not handler.request_streaming and not handler.response_streaming:
@@ -45,13 +41,10 @@ class WorkLimiter(grpc.aio.ServerInterceptor):
 
         async def unary(request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
             if self.unary >= self._max_unary:
-                await context.abort(
-                    *status_for(
-                        OverloadedError(
-                            f"the server is answering {self.unary} unary requests, its MAX_CONCURRENCY: "
-                            "retry later with backoff"
-                        )
-                    )
+                await _refuse(
+                    context,
+                    f"the server is answering {self.unary} unary requests, its MAX_CONCURRENCY: retry later "
+                    "with backoff",
                 )
             self.unary += 1
             try:
@@ -67,13 +60,10 @@ class WorkLimiter(grpc.aio.ServerInterceptor):
 
         async def stream(requests: AsyncIterator[Req], context: grpc.aio.ServicerContext[Req, Resp]) -> None:
             if self.streams >= self._max_streams:
-                await context.abort(
-                    *status_for(
-                        OverloadedError(
-                            f"the server has {self.streams} streams open, its MAX_STREAMS: close idle streams, "
-                            "or retry later with backoff"
-                        )
-                    )
+                await _refuse(
+                    context,
+                    f"the server has {self.streams} streams open, its MAX_STREAMS: close idle streams, or retry "
+                    "later with backoff",
                 )
             self.streams += 1
             try:
@@ -83,3 +73,8 @@ class WorkLimiter(grpc.aio.ServerInterceptor):
                 self.streams -= 1
 
         return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+
+
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], message: str) -> None:
+    """Ends the call with RESOURCE_EXHAUSTED and `message`."""
+    await context.abort(*status_for(OverloadedError(message)))
