@@ -8,7 +8,18 @@ Usage:
       Envoy alone, in front of a server that is already running.
   python envoy/gateway.py --with-server [--listen HOST:PORT] [-- SERVER ARGS ...]
       The server (`python -m embedserve SERVER ARGS`) and Envoy together, as `make run` does;
-      Ctrl-C or SIGTERM stops both (the server drains first).
+      Ctrl-C or SIGTERM stops both (the server drains first) and exits 0.
+
+The launcher supervises what it started: a process that exits without being asked to is
+restarted with the same command and config, the other left running. Envoy is back within about a
+second, and clients of the server's own port never notice; a restarted server is back once its
+models have loaded (/health follows Envoy's health checks, every 5 s while the server serves and
+every second while not: it turns 503 for a gap longer than that, and 200 again within a second
+of the server's return). Each restart is logged with the exit code. A restart waits 0.5 s, twice
+as long for each restart of the last 60 s (0.5, 1, 2, 4, 8 s); a process that needs a sixth
+restart within 60 s is crashing in a loop, and the launcher stops the other and exits 1. A
+server that exits 2 (a configuration it cannot start with; its message says what to change) is
+not restarted: the launcher exits 2.
 
 Defaults: listen on $GATEWAY_LISTEN or 127.0.0.1:8080 (this machine only; the image's Envoy stage
 renders 0.0.0.0:8080); upstream $GATEWAY_UPSTREAM or 127.0.0.1 at
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -30,7 +42,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -50,6 +64,15 @@ READY_LINE = "all dependencies initialized. starting workers"
 # Responses may be larger than requests: JSON numbers take ~4x the bytes of the float32 the
 # server sends (2048 x 4096 floats as JSON is well over the server's message limit).
 RESPONSE_TO_REQUEST_BYTES = 4
+# Restarts of a process that exited unexpectedly: the first after RESTART_BACKOFF_S, each next one
+# within RESTART_WINDOW_S twice as long (0.5, 1, 2, 4, 8 s); one more than MAX_RESTARTS within
+# RESTART_WINDOW_S and the launcher gives up, as a crash loop needs a person, not more restarts.
+RESTART_BACKOFF_S = 0.5
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+# What `python -m embedserve` exits with for a configuration it cannot start with (embedserve.cli):
+# a restart would only repeat the message.
+CONFIG_ERROR_EXIT = 2
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -116,7 +139,11 @@ def start(config: Path, listen: str, log_level: str = "warn") -> subprocess.Pope
     # Keep relaying Envoy's warnings and errors (config:info is only for the line above) so its
     # pipe never fills up.
     threading.Thread(target=_relay, args=(process.stderr,), daemon=True).start()
-    _await_listener(listen, process)
+    try:
+        _await_listener(listen, process)
+    except RuntimeError:
+        _stop(process, grace_s=1)
+        raise
     return process
 
 
@@ -142,11 +169,6 @@ def _relay(stream: IO[str]) -> None:
             sys.stderr.write(line)
 
 
-def _set_when_done(process: subprocess.Popen[str] | subprocess.Popen[bytes], event: threading.Event) -> None:
-    process.wait()
-    event.set()
-
-
 def _stop(process: subprocess.Popen[str] | subprocess.Popen[bytes], grace_s: float) -> None:
     if process.poll() is None:
         process.terminate()
@@ -155,6 +177,152 @@ def _stop(process: subprocess.Popen[str] | subprocess.Popen[bytes], grace_s: flo
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class RestartBudget:
+    """How long to wait before restarting a process again: RESTART_BACKOFF_S doubled for each
+    restart of the last RESTART_WINDOW_S; no restart beyond MAX_RESTARTS in that window."""
+
+    def __init__(self) -> None:
+        self._restarts: deque[float] = deque()  # when each restart of the window is due
+
+    def next_delay(self, now: float) -> float | None:
+        """Counts a restart and returns how many seconds it waits from `now` (monotonic), or
+        None when the budget is spent."""
+        while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
+            self._restarts.popleft()
+        if len(self._restarts) >= MAX_RESTARTS:
+            return None
+        delay = RESTART_BACKOFF_S * 2.0 ** len(self._restarts)
+        self._restarts.append(now + delay)
+        return delay
+
+
+@dataclass(eq=False)
+class Child:
+    """A process the launcher keeps running: how to start it (returning once it is up), how long
+    it may take to stop, the exit code after which a restart is pointless, the running process
+    (None while a restart is pending) and its restart budget."""
+
+    name: str
+    launch: Callable[[], subprocess.Popen[str] | subprocess.Popen[bytes]]
+    grace_s: float
+    final_exit: int | None = None
+    process: subprocess.Popen[str] | subprocess.Popen[bytes] | None = None
+    budget: RestartBudget = field(default_factory=RestartBudget)
+
+
+@dataclass(frozen=True)
+class _Exited:
+    child: Child
+    process: subprocess.Popen[str] | subprocess.Popen[bytes]
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"exited on {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with {code}"
+
+
+class Supervisor:
+    """Runs children until `stop_soon`, restarting one that exits unexpectedly (its RestartBudget
+    permitting) and leaving the others running; stops them in order. Every decision is made in
+    `run`'s thread; watcher threads and the signal handler only post events."""
+
+    def __init__(self, children: Sequence[Child]) -> None:
+        self._children = children
+        # A child's exit, or None for "stop". SimpleQueue.put may be called from a signal handler.
+        self._events: queue.SimpleQueue[_Exited | None] = queue.SimpleQueue()
+        self._due: dict[Child, float] = {}  # pending restarts, by when (monotonic)
+
+    def stop_soon(self, *_: object) -> None:
+        """Asks `run` to stop every child and return (a signal handler)."""
+        self._events.put(None)
+
+    def run(self) -> int:
+        """Starts the children in order and supervises them; returns the exit code: 0 when
+        stopped, 1 (or a child's `final_exit`) after giving up on a child."""
+        for child in self._children:
+            if not self._launch(child, "started"):
+                return self._stop_all(1)
+        while True:
+            try:
+                event = self._events.get(timeout=self._until_due())
+            except queue.Empty:
+                if (code := self._restart_due()) is not None:
+                    return self._stop_all(code)
+                continue
+            if event is None:
+                return self._stop_all(0)
+            if event.process is event.child.process and (code := self._exited(event.child)) is not None:
+                return self._stop_all(code)
+
+    def _launch(self, child: Child, done: str) -> bool:
+        try:
+            process = child.launch()
+        except (OSError, RuntimeError) as exc:
+            print(f"gateway: {child.name} did not start: {exc}", file=sys.stderr)
+            return False
+        print(f"gateway: {child.name} {done} (pid {process.pid})", file=sys.stderr)
+        child.process = process
+        threading.Thread(target=self._watch, args=(child, process), daemon=True).start()
+        return True
+
+    def _watch(self, child: Child, process: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+        process.wait()
+        self._events.put(_Exited(child, process))
+
+    def _exited(self, child: Child) -> int | None:
+        """Schedules the restart of a child that exited on its own; returns an exit code when
+        the launcher gives up instead."""
+        assert child.process is not None
+        pid, code = child.process.pid, child.process.returncode
+        child.process = None
+        if code == child.final_exit:
+            print(f"gateway: {child.name} (pid {pid}) {_describe(code)}, which says that it cannot start this way "
+                  "(its message above says what to change): not restarting it", file=sys.stderr)  # fmt: skip
+            return code
+        return self._schedule(child, f"{child.name} (pid {pid}) {_describe(code)}")
+
+    def _schedule(self, child: Child, what: str) -> int | None:
+        delay = child.budget.next_delay(time.monotonic())
+        if delay is None:
+            print(f"gateway: {what} after {MAX_RESTARTS} restarts within {RESTART_WINDOW_S:g} s: giving up and "
+                  "stopping everything (its log above says why)", file=sys.stderr)  # fmt: skip
+            return 1
+        others = ", ".join(c.name for c in self._children if c is not child)
+        untouched = f", {others} untouched" if others else ""
+        print(f"gateway: {what}; restarting it in {delay:g} s{untouched}", file=sys.stderr)
+        self._due[child] = time.monotonic() + delay
+        return None
+
+    def _until_due(self) -> float | None:
+        return max(0.0, min(self._due.values()) - time.monotonic()) if self._due else None
+
+    def _restart_due(self) -> int | None:
+        """Restarts the children whose time has come; returns an exit code when the launcher
+        gives up on one that would not start."""
+        now = time.monotonic()
+        for child in [c for c, due in self._due.items() if due <= now]:
+            del self._due[child]
+            if self._launch(child, "restarted"):
+                continue
+            if (code := self._schedule(child, f"{child.name} did not start")) is not None:
+                return code
+        return None
+
+    def _stop_all(self, code: int) -> int:
+        """Stops every child in order; returns `code`, or 1 when one stopped here neither exited
+        0 nor ended on the SIGTERM it was sent (a server whose drain failed, or was killed)."""
+        failed = False
+        for child in self._children:
+            if child.process is not None:
+                _stop(child.process, child.grace_s)
+                failed = failed or child.process.returncode not in (0, -signal.SIGTERM)
+        return code or int(failed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,31 +341,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warn", help="Envoy's log level")
     options = parser.parse_args(args[: args.index("--")] if "--" in args else args)
 
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
     with tempfile.TemporaryDirectory(prefix="embedserve-envoy-") as workdir:
         config = write_config(Path(workdir), options.listen, options.upstream, server_settings.max_message_bytes)
-        server = (
-            subprocess.Popen([sys.executable, "-m", "embedserve", *server_args], start_new_session=True)
-            if options.with_server
-            else None
-        )
-        gateway = start(config, options.listen, options.log_level)
-        print(f"envoy: REST and gRPC on {options.listen} -> embedserve at {options.upstream}", file=sys.stderr)
-        for process in (server, gateway):  # whichever ends first (or a signal) ends both
-            if process is not None:
-                threading.Thread(target=_set_when_done, args=(process, stopping), daemon=True).start()
-        stopping.wait()
-        gateway_failed = gateway.poll() is not None
-        if server is not None:
-            # SIGTERM: the server drains in-flight requests for its grace period first.
-            _stop(server, grace_s=server_settings.grace_period + 30)
-        _stop(gateway, grace_s=10)
-        if gateway_failed:
-            print(f"envoy exited with {gateway.returncode}", file=sys.stderr)
-            return gateway.returncode or 1
-        return server.returncode if server is not None else 0
+        children = [_envoy(config, options.listen, options.upstream, options.log_level)]
+        if options.with_server:
+            # First, so that it loads its models while Envoy starts, and is drained first on stop
+            # (SIGTERM: it finishes in-flight requests within its grace period).
+            children.insert(0, _server(server_args, grace_s=server_settings.grace_period + 30))
+        supervisor = Supervisor(children)
+        signal.signal(signal.SIGTERM, supervisor.stop_soon)
+        signal.signal(signal.SIGINT, supervisor.stop_soon)
+        return supervisor.run()
+
+
+def _server(server_args: Sequence[str], grace_s: float) -> Child:
+    def launch() -> subprocess.Popen[bytes]:
+        # Its own session: Ctrl-C reaches only the launcher, which stops the server first.
+        return subprocess.Popen([sys.executable, "-m", "embedserve", *server_args], start_new_session=True)
+
+    return Child("server", launch, grace_s, final_exit=CONFIG_ERROR_EXIT)
+
+
+def _envoy(config: Path, listen: str, upstream: str, log_level: str) -> Child:
+    def launch() -> subprocess.Popen[str]:
+        process = start(config, listen, log_level)
+        print(f"envoy: REST and gRPC on {listen} -> embedserve at {upstream}", file=sys.stderr)
+        return process
+
+    return Child("envoy", launch, grace_s=10)
 
 
 if __name__ == "__main__":

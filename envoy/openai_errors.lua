@@ -4,8 +4,14 @@
 --  * the server's errors: the transcoder has mapped grpc-status to the HTTP status and left
 --    grpc-status and grpc-message (percent-encoded) in the headers;
 --  * Envoy's own replies (an unknown path, malformed JSON, a body over the limit): plain text.
--- Native gRPC calls pass through untouched, and successful REST responses only lose the
--- grpc-* headers that mean nothing to an HTTP client.
+-- Native gRPC calls (a gRPC content type to a method path, /<package>.<Service>/<Method>) pass
+-- through untouched, and successful REST responses only lose the grpc-* headers that mean nothing
+-- to an HTTP client. Every other request is REST, whatever its content type: one that claims to
+-- be gRPC anyway (gRPC-Web, for which there is no filter, or gRPC to a REST path) is answered
+-- 415 here, before the transcoder would pass it on as gRPC and return gRPC's reply. Bodies are
+-- valid UTF-8 JSON even when Envoy's message quotes request bytes that are not UTF-8. An
+-- overload's `retry-after` trailer (a header of the server's trailers-only reply) is left on the
+-- 429, where HTTP clients (the OpenAI SDK among them) read it as Retry-After.
 
 local GRPC_STATUS = {
   [1] = {"cancelled", "invalid_request_error"},
@@ -16,6 +22,7 @@ local GRPC_STATUS = {
   [7] = {"permission_denied", "permission_error"},
   [8] = {"resource_exhausted", "rate_limit_error"},
   [9] = {"failed_precondition", "invalid_request_error"},
+  [10] = {"aborted", "conflict_error"},  -- 409: a duplicate of an idempotent request still running
   [13] = {"internal", "server_error"},
   [14] = {"unavailable", "server_error"},
   [16] = {"unauthenticated", "authentication_error"},
@@ -26,19 +33,70 @@ local HTTP_STATUS = {
   [404] = {"not_found", "not_found_error"},
   [405] = {"method_not_allowed", "invalid_request_error"},
   [413] = {"request_too_large", "invalid_request_error"},
+  [415] = {"unsupported_media_type", "invalid_request_error"},
 }
+
+-- Where a REST client is told to send native gRPC instead.
+local GRPC_EXAMPLE = "/embedserve.v1.EmbeddingService/Embed"
+local REPLACEMENT_CHARACTER = "\239\191\189"  -- U+FFFD in UTF-8
 
 local function percent_decode(text)
   return (text:gsub("%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end))
 end
 
+-- The length of the well-formed UTF-8 sequence (RFC 3629: no overlong forms, no surrogates)
+-- that starts at byte `i` of `text`, or nil.
+local function utf8_length(text, i)
+  local first = text:byte(i)
+  local continuations, low, high -- how many bytes follow, and the range of the first of them
+  if first >= 0xC2 and first <= 0xDF then continuations, low, high = 1, 0x80, 0xBF
+  elseif first == 0xE0 then continuations, low, high = 2, 0xA0, 0xBF
+  elseif first == 0xED then continuations, low, high = 2, 0x80, 0x9F
+  elseif first >= 0xE1 and first <= 0xEF then continuations, low, high = 2, 0x80, 0xBF
+  elseif first == 0xF0 then continuations, low, high = 3, 0x90, 0xBF
+  elseif first >= 0xF1 and first <= 0xF3 then continuations, low, high = 3, 0x80, 0xBF
+  elseif first == 0xF4 then continuations, low, high = 3, 0x80, 0x8F
+  else return nil end
+  for k = 1, continuations do
+    local byte = text:byte(i + k)
+    if byte == nil or byte < low or byte > high then return nil end
+    low, high = 0x80, 0xBF
+  end
+  return continuations + 1
+end
+
+-- `text` as a JSON string: quotes, backslashes and control characters escaped, well-formed
+-- multi-byte UTF-8 kept, and each other byte (Envoy quotes a body that is not UTF-8 as it came)
+-- replaced by U+FFFD, so that the body is always valid JSON (RFC 8259 wants UTF-8).
 local function json_string(text)
-  local escaped = text:gsub('[%c"\\]', function(c)
-    if c == '"' then return '\\"' end
-    if c == "\\" then return "\\\\" end
-    return string.format("\\u%04x", c:byte())
-  end)
-  return '"' .. escaped .. '"'
+  local parts, i = {}, 1
+  while true do
+    local j = text:find('[%z\1-\31"\\\127-\255]', i)
+    if j == nil then
+      parts[#parts + 1] = text:sub(i)
+      break
+    end
+    parts[#parts + 1] = text:sub(i, j - 1)
+    local byte = text:byte(j)
+    local length = byte >= 0x80 and utf8_length(text, j) or nil
+    if length ~= nil then
+      parts[#parts + 1] = text:sub(j, j + length - 1)
+      i = j + length
+    else
+      if byte == 0x22 then parts[#parts + 1] = '\\"'
+      elseif byte == 0x5C then parts[#parts + 1] = "\\\\"
+      elseif byte < 0x80 then parts[#parts + 1] = string.format("\\u%04x", byte)
+      else parts[#parts + 1] = REPLACEMENT_CHARACTER end
+      i = j + 1
+    end
+  end
+  return '"' .. table.concat(parts) .. '"'
+end
+
+-- OpenAI's error body; `status` is a row of GRPC_STATUS or HTTP_STATUS.
+local function error_body(message, status)
+  return '{"error":{"message":' .. json_string(message) .. ',"type":"' .. status[2] .. '","code":"'
+    .. status[1] .. '"}}'
 end
 
 local function strip_grpc_headers(headers)
@@ -46,11 +104,41 @@ local function strip_grpc_headers(headers)
   headers:remove("grpc-message")
   headers:remove("grpc-status-details-bin")
   headers:remove("grpc-accept-encoding")
+  headers:remove("embedserve-http-status")
+end
+
+-- A native gRPC call: one of gRPC's content types (application/grpc, application/grpc+proto, ...;
+-- not gRPC-Web's) to a method path, /<package>.<Service>/<Method>.
+local function native_grpc(content_type, path)
+  return (content_type == "application/grpc" or content_type:find("^application/grpc[+;]") ~= nil)
+    and path:find("^/[%a_][%w_]*%.[%w_.]*/[%a_][%w_]*$") ~= nil
+end
+
+-- What a request with a gRPC-looking content type that is not a native gRPC call is told.
+local function unsupported(content_type, path)
+  local shown = content_type:sub(1, 100)
+  if content_type:find("^application/grpc%-web") then
+    return "gRPC-Web (content-type " .. shown .. ") is not supported: send REST requests as application/json, "
+      .. "or native gRPC (application/grpc, over HTTP/2) to the gRPC method paths, such as " .. GRPC_EXAMPLE
+  end
+  return "content-type " .. shown .. " is for native gRPC calls to the gRPC method paths, such as "
+    .. GRPC_EXAMPLE .. ", not " .. path:sub(1, 200) .. ": send REST requests as application/json"
 end
 
 function envoy_on_request(handle)
-  local content_type = handle:headers():get("content-type") or ""
-  handle:streamInfo():dynamicMetadata():set("embedserve", "rest", content_type:find("^application/grpc") == nil)
+  local headers = handle:headers()
+  local content_type = (headers:get("content-type") or ""):lower()
+  local path = headers:get(":path") or ""
+  local metadata = handle:streamInfo():dynamicMetadata()
+  local native = native_grpc(content_type, path)
+  metadata:set("embedserve", "rest", not native)
+  if not native and content_type:find("^application/grpc") then
+    -- The transcoder would pass it on as gRPC (a JSON body got an empty 200). Envoy sends this
+    -- local reply as gRPC too (a 200 with grpc-status, no body), as it does every reply to a
+    -- gRPC content type, so envoy_on_response writes the 415 from the message left here.
+    metadata:set("embedserve", "unsupported", unsupported(content_type, path))
+    handle:respond({[":status"] = "415"}, "")
+  end
 end
 
 function envoy_on_response(handle)
@@ -61,7 +149,10 @@ function envoy_on_response(handle)
   local http_status = tonumber(handle:headers():get(":status")) or 500
   local grpc_status = tonumber(handle:headers():get("grpc-status") or "")
   local status, message
-  if grpc_status ~= nil and grpc_status ~= 0 then
+  if metadata["unsupported"] ~= nil then -- envoy_on_request's refusal
+    status, message = HTTP_STATUS[415], metadata["unsupported"]
+    handle:headers():replace(":status", "415")
+  elseif grpc_status ~= nil and grpc_status ~= 0 then
     status = GRPC_STATUS[grpc_status] or {"unknown", "server_error"}
     message = percent_decode(handle:headers():get("grpc-message") or "")
     if grpc_status == 8 and message:find("larger than max", 1, true) then
@@ -71,6 +162,12 @@ function envoy_on_response(handle)
       handle:headers():replace(":status", "413")
       message = "the request is larger than the server accepts (its MAX_MESSAGE_BYTES): send fewer or "
         .. "shorter inputs per request (" .. message .. ")"
+    end
+    -- The server's own HTTP status for an error that grpc-status maps too coarsely (422 for an
+    -- idempotency key reused with another body): it wins; strip_grpc_headers removes it.
+    local exact = tonumber(handle:headers():get("embedserve-http-status") or "")
+    if exact ~= nil and exact >= 400 and exact <= 599 then
+      handle:headers():replace(":status", string.format("%d", exact))
     end
   elseif http_status >= 400 then
     status = HTTP_STATUS[http_status] or {"unavailable", "server_error"}
@@ -84,6 +181,5 @@ function envoy_on_response(handle)
   local headers = handle:headers()
   strip_grpc_headers(headers)
   headers:replace("content-type", "application/json")
-  handle:body(true):setBytes('{"error":{"message":' .. json_string(message) .. ',"type":"' .. status[2]
-    .. '","code":"' .. status[1] .. '"}}')
+  handle:body(true):setBytes(error_body(message, status))
 end

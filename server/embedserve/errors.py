@@ -6,6 +6,7 @@ change. Anything else that escapes is a bug and becomes INTERNAL.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import grpc
@@ -50,7 +51,13 @@ class WrongModelKindError(EmbedServeError):
 
 
 class OverloadedError(EmbedServeError):
-    """The queue is full; the caller should back off and retry."""
+    """The queue is full; the caller should back off and retry, after `retry_after_s` seconds
+    where the raiser can estimate when room frees (None: no estimate, the floor of 1 s). Sent
+    as the `retry-after` trailer, which Envoy turns into the 429's Retry-After header."""
+
+    def __init__(self, message: str | Callable[[Words], str], *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExpiredError(EmbedServeError):
@@ -89,6 +96,19 @@ STATUS_CODES: dict[type[EmbedServeError], grpc.StatusCode] = {
     StreamIdleError: grpc.StatusCode.UNAVAILABLE,
     EngineFailedError: grpc.StatusCode.INTERNAL,
 }
+
+
+# The trailing metadata key of an overload's retry hint (RFC 9110 Retry-After, delay-seconds).
+RETRY_AFTER = "retry-after"
+
+
+def trailing_metadata(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """What a call that ends with `error` sends beside its status: for an overload, how many
+    whole seconds (at least 1, as delay-seconds cannot say less) to wait before retrying."""
+    if not isinstance(error, OverloadedError):
+        return ()
+    seconds = 1.0 if error.retry_after_s is None else error.retry_after_s
+    return ((RETRY_AFTER, str(max(1, math.ceil(seconds)))),)
 
 
 def status_for(error: BaseException, words: Words = own_words) -> tuple[grpc.StatusCode, str]:

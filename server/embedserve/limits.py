@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from embedserve.errors import OverloadedError, status_for
+from embedserve.errors import OverloadedError, status_for, trailing_metadata
 from embedserve.intercept import ServiceInterceptor
 
 Req = TypeVar("Req")
@@ -76,5 +76,7 @@ class WorkLimiter(ServiceInterceptor):
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], message: str) -> None:
-    """Ends the call with RESOURCE_EXHAUSTED and `message`."""
-    await context.abort(*status_for(OverloadedError(message)))
+    """Ends the call with RESOURCE_EXHAUSTED, `message` and a retry-after of 1 s, the floor:
+    the limit counts calls in flight, and the next one to end makes room."""
+    error = OverloadedError(message, retry_after_s=1)
+    await context.abort(*status_for(error), trailing_metadata=trailing_metadata(error))
