@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from embedserve.auth import ApiKeyInterceptor
 from embedserve.decoding import DecodeGuard
 from embedserve.engine.engine import Engine
+from embedserve.idempotency import IdempotencyInterceptor, IdempotencyStore
 from embedserve.limits import WorkLimiter
 from embedserve.services.embedding import EmbeddingService
 from embedserve.services.openai import OpenAIService
@@ -39,6 +40,13 @@ def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, i
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.api_keys:
         interceptors.append(ApiKeyInterceptor(settings.api_keys, services))
+    if settings.idempotency_ttl > 0:
+        # After auth: the tenant that scopes a key is known, and unauthenticated calls never touch
+        # the store. Before the limiter: a replay, or a duplicate refused while the first call
+        # runs, costs no concurrency slot. Outside DecodeGuard the request is still bytes; the
+        # interceptor decodes it to fingerprint the message, not its encoding.
+        store = IdempotencyStore(settings.idempotency_max_bytes, settings.idempotency_ttl)
+        interceptors.append(IdempotencyInterceptor(services, store))
     # Not gRPC's maximum_concurrent_rpcs: it counts health checks and idle streams alike, so
     # enough idle streams made health RESOURCE_EXHAUSTED and an orchestrator restart a healthy server.
     interceptors.append(WorkLimiter(services, settings.max_concurrency, settings.max_streams))

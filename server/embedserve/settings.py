@@ -345,6 +345,22 @@ class Settings:
         "largest gRPC message either way (and REST body through Envoy); the default fits 2048 "
         "inputs of ~32 KB, or 2048 vectors of 4096 float32 values",
     )
+    idempotency_ttl: float = setting(
+        86400.0,
+        "IDEMPOTENCY_TTL",
+        seconds,
+        "seconds the answer to a unary call with an `idempotency-key` (REST: `Idempotency-Key`) stays stored "
+        "for its retries; 0: keys are ignored",
+        shown="86400 (24 h)",
+    )
+    idempotency_max_bytes: int = setting(
+        256 * 1024 * 1024,
+        "IDEMPOTENCY_MAX_BYTES",
+        positive_int,
+        "bytes of stored answers for idempotency keys, least recently used dropped first; an answer over 1/8 "
+        "of it is not stored (`idempotency-stored: false`)",
+        shown="268435456 (256 MiB)",
+    )
     log_level: str = setting("INFO", "LOG_LEVEL", log_level, "DEBUG, INFO, WARNING, ERROR")
     # Kept out of repr so that logging the settings never prints them.
     api_keys: tuple[str, ...] = setting(

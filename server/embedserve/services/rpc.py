@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from embedserve.engine.types import Call, Priority
-from embedserve.errors import EmbedServeError, InvalidInputError, Words, status_for
+from embedserve.errors import EmbedServeError, InvalidInputError, Words, status_for, trailing_metadata
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,13 @@ def call(context: Context) -> Call:
     metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
     return Call(
         deadline=None if remaining is None else time.monotonic() + remaining,
-        tenant=_tenant(metadata.get("authorization")),
+        tenant=tenant_of(metadata.get("authorization")),
         priority=_priority(metadata.get(PRIORITY_HEADER)),
     )
 
 
-def _tenant(authorization: str | bytes | None) -> str:
+def tenant_of(authorization: str | bytes | None) -> str:
+    """Who sent a call: a fingerprint of its bearer key (never the key), "" without one."""
     if not authorization:
         return ""
     token = authorization if isinstance(authorization, bytes) else authorization.encode()
@@ -76,7 +77,8 @@ def status(error: Exception, rpc: str, words: Words) -> tuple[grpc.StatusCode, s
 
 
 def unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Turns an error into its status code (`status`) and aborts the call with it."""
+    """Turns an error into its status code (`status`) and aborts the call with it, and with its
+    trailing metadata (an overload's retry-after)."""
 
     @functools.wraps(handler)
     async def wrapper(self: Servicer, request: Req, context: Context) -> Resp:
@@ -84,7 +86,8 @@ def unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
             return await handler(self, request, context)
         except Exception as exc:
             code, message = status(exc, handler.__name__, self.words)
-        await context.abort(code, message)
+            trailers = trailing_metadata(exc)
+        await context.abort(code, message, trailing_metadata=trailers)
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
