@@ -104,7 +104,7 @@ class InProcessModel:
         padded = 0
         for begin in range(0, len(order), batch_size):
             rows = order[begin : begin + batch_size]
-            ids, mask, types = self.tokenizer.collate([tokenized.encodings[i] for i in rows])
+            ids, mask, types = self.tokenizer.collate([tokenized.encoded[i] for i in rows])
             padded += ids.size
             t0 = time.perf_counter()
             output = self.backend.forward(ids, mask, types)
@@ -198,7 +198,7 @@ def measure_forward(
     order = length_order(tokenized.lengths, runner.window)
     size = runner.batch_size
     batches = [
-        engine.tokenizer.collate([tokenized.encodings[i] for i in order[b : b + size]])
+        engine.tokenizer.collate([tokenized.encoded[i] for i in order[b : b + size]])
         for b in range(0, len(order), size)
     ]
     model_file = export_model(engine.config, DENSE.graph, "fp32", runner.cache_dir)
@@ -237,7 +237,7 @@ class PairOrTextModel(InProcessModel):
         parts = [self.tokenizer.encode_pairs(q, g) for q, g in zip(workload.queries, workload.groups, strict=True)]
         starts = np.cumsum([0] + [len(p.lengths) for p in parts])
         return Tokenized(
-            encodings=[e for p in parts for e in p.encodings],
+            encoded=[e for p in parts for e in p.encoded],
             lengths=[n for p in parts for n in p.lengths],
             truncated=[int(start) + i for p, start in zip(parts, starts, strict=False) for i in p.truncated],
         )
@@ -323,8 +323,8 @@ def sorted_batches(texts: list[str], batch_size: int) -> list[tuple[IntArray, In
     into (input_ids, attention_mask, token_type_ids) batches of `batch_size`."""
     path = resolve_model_path(DEFAULT_DENSE_MODEL)
     tokenizer = TextTokenizer(path, load_model_config(path).max_input_tokens)
-    encodings = tokenizer.encode(texts).encodings
-    encodings.sort(key=lambda e: len(e.ids))
+    encodings = tokenizer.encode(texts).encoded
+    encodings.sort(key=len)
     return [tokenizer.collate(encodings[i : i + batch_size]) for i in range(0, len(encodings), batch_size)]
 
 

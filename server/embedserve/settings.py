@@ -282,7 +282,11 @@ class Settings:
     )
     max_inputs_per_request: int = setting(2048, "MAX_INPUTS_PER_REQUEST", positive_int, "inputs in one request")
     max_batch_tokens: int = setting(
-        16384, "MAX_BATCH_TOKENS", positive_int, "padded tokens (longest input x batch size) in one forward pass"
+        0,
+        "MAX_BATCH_TOKENS",
+        non_negative_int,
+        "padded tokens (longest input x batch size) in one forward pass; bounds its memory",
+        shown="0 (= 4096 on CPU, 16384 on CUDA)",
     )
     stream_window: int = setting(
         16, "STREAM_WINDOW", positive_int, "requests an `EmbedStream` reads ahead of its answers"

@@ -58,7 +58,7 @@ def load(path: Path, kind: str) -> Loaded:
 def text_inputs(path: Path, texts: list[str]) -> Inputs:
     """Inputs built the way the server builds them."""
     tokenizer = TextTokenizer(path, MAX_TOKENS)
-    return tokenizer.collate(tokenizer.encode(texts).encodings)
+    return tokenizer.collate(tokenizer.encode(texts).encoded)
 
 
 def pair_inputs(path: Path, queries: list[str], docs: list[str]) -> Inputs:
@@ -134,14 +134,43 @@ def test_padding_does_not_change_a_sparse_row(tiny_sparse: Loaded, name: str) ->
     assert np.abs(backend.forward(*inputs) - rows_alone(backend, inputs)).max() < PADDING_TOLERANCE
 
 
-def test_sparse_export_outputs_weights_per_term_not_logits_per_token(tiny_sparse: Loaded) -> None:
-    graph = onnx.load(
-        str(export_model(tiny_sparse.config, SPARSE.graph, "fp32", CACHE_DIR)), load_external_data=False
-    ).graph
-    assert [o.name for o in graph.output] == [splade.OUTPUT]
-    dims = graph.output[0].type.tensor_type.shape.dim
+def test_sparse_export_never_outputs_logits_per_token(tiny_sparse: Loaded) -> None:
+    encoder_file = export_model(tiny_sparse.config, SPARSE.graph, "fp32", CACHE_DIR)
+    encoder = onnx.load(str(encoder_file), load_external_data=False).graph
+    assert [o.name for o in encoder.output] == [splade.HIDDEN]  # (batch, tokens, hidden)
+    assert encoder.output[0].type.tensor_type.shape.dim[2].dim_value == tiny_sparse.config.hidden_size
+    head = onnx.load(str(encoder_file.parent / splade.HEAD_FILE)).graph
+    assert [o.name for o in head.output] == [splade.OUTPUT]  # (rows, vocab)
+    dims = head.output[0].type.tensor_type.shape.dim
     assert len(dims) == 2
     assert dims[1].dim_value == 30522
+
+
+@pytest.mark.parametrize("name", ["onnx", "torch"])
+def test_sparse_weights_do_not_depend_on_how_the_batch_is_chunked(tiny_sparse: Loaded, name: str) -> None:
+    backend = tiny_sparse.backend(name)
+    inputs = text_inputs(tiny_sparse.config.path, TEXTS)
+    whole = backend.forward(*inputs)
+    chunk_tokens = backend._chunk_tokens  # type: ignore[attr-defined]
+    try:
+        backend._chunk_tokens = 7  # type: ignore[attr-defined]  # rows in pieces, pieces of rows
+        pieces = backend.forward(*inputs)
+    finally:
+        backend._chunk_tokens = chunk_tokens  # type: ignore[attr-defined]
+    assert np.abs(whole - pieces).max() < PADDING_TOLERANCE
+
+
+def test_chunks_cover_every_real_token_once_within_the_budget() -> None:
+    mask = np.zeros((5, 12), dtype=np.int64)
+    for row, length in enumerate([2, 3, 3, 9, 12]):
+        mask[row, :length] = 1
+    seen = np.zeros_like(mask)
+    for rows, tokens in splade.chunks(mask, 6):
+        height = len(range(*rows.indices(5)))
+        assert height * (tokens.stop - tokens.start) <= 6 or height == 1
+        assert tokens.stop - tokens.start <= 6
+        seen[rows, tokens] += mask[rows, tokens]
+    np.testing.assert_array_equal(seen, mask)
 
 
 def test_rerank_logits_agree_between_onnx_and_torch(tiny_rerank: Loaded) -> None:

@@ -26,7 +26,7 @@ TEXTS = ["int8 keeps the meaning", "quantized weights, float activations", "æ—¥æ
 
 def embed_with(backend: OnnxBackend | TorchBackend, tokenizer: TextTokenizer) -> np.ndarray:
     """Vectors the way the engine computes them, for a backend under test."""
-    ids, mask, types = tokenizer.collate(tokenizer.encode(TEXTS).encodings)
+    ids, mask, types = tokenizer.collate(tokenizer.encode(TEXTS).encoded)
     return normalize(pool(backend.forward(ids, mask, types), mask, "mean"))
 
 

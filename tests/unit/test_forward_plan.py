@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from embedserve.engine.registry import cpu_cores, forward_threads, lanes
+from embedserve.engine.registry import cpu_cores, forward_threads, lanes, max_batch_tokens
 from embedserve.errors import ConfigError
 from embedserve.settings import load_settings
 
@@ -50,3 +50,9 @@ def test_cpu_cores_counts_what_this_process_may_use() -> None:
     import os
 
     assert cpu_cores() == len(os.sched_getaffinity(0))
+
+
+def test_batch_tokens_are_smaller_on_cpu_unless_set() -> None:
+    assert max_batch_tokens(load_settings([]), on_cuda=False) == 4096
+    assert max_batch_tokens(load_settings([]), on_cuda=True) == 16384
+    assert max_batch_tokens(load_settings(["--max-batch-tokens", "2000"]), on_cuda=True) == 2000

@@ -8,14 +8,12 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from tokenizers import Encoding
-
 from embedserve.engine import results, validation
 from embedserve.engine.kinds import RERANK
 from embedserve.engine.registry import Registry, ServedModel, is_kind
 from embedserve.engine.scheduler import Job
 from embedserve.engine.streaming import windowed
-from embedserve.engine.tokenizer import Tokenized
+from embedserve.engine.tokenizer import Tokenized, Tokens
 from embedserve.engine.types import (
     Call,
     EmbedParams,
@@ -198,9 +196,9 @@ class Engine:
     @staticmethod
     async def _run(
         model: ServedModel[R], tokenized: Tokenized, call: Call, lane: Priority, wait: bool
-    ) -> tuple[list[R], Job[Encoding, R]]:
+    ) -> tuple[list[R], Job[Tokens, R]]:
         """Queues the inputs on the model's scheduler and awaits one result per input."""
-        job: Job[Encoding, R] = Job(tokenized.encodings, tokenized.lengths, call.deadline, lane, call.tenant, call)
+        job: Job[Tokens, R] = Job(tokenized.encoded, tokenized.lengths, call.deadline, lane, call.tenant, call)
         if wait:
             await model.scheduler.submit(job)
         else:

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
-from tokenizers import Encoding
 
 from embedserve.backends.base import Backend, FloatArray, GraphSpec, IntArray
 from embedserve.backends.config import ModelConfig
 from embedserve.engine.pooling import pool
-from embedserve.engine.tokenizer import TextTokenizer
+from embedserve.engine.tokenizer import TextTokenizer, Tokens
 from embedserve.engine.types import SparseVector
 from embedserve.kinds import Capability, ModelKind
 
@@ -39,11 +38,11 @@ class KindSpec(Generic[R]):
 
     def runner(
         self, tokenizer: TextTokenizer, backend: Backend, config: ModelConfig
-    ) -> Callable[[list[Encoding]], list[R]]:
+    ) -> Callable[[list[Tokens]], list[R]]:
         """The work of one batch, run in the scheduler's worker thread: pad, forward, results."""
 
-        def run(encodings: list[Encoding]) -> list[R]:
-            ids, mask, types = tokenizer.collate(encodings)
+        def run(inputs: list[Tokens]) -> list[R]:
+            ids, mask, types = tokenizer.collate(inputs)
             return self.outputs(backend.forward(ids, mask, types), mask, config)
 
         return run

@@ -9,14 +9,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeGuard, TypeVar
 
-from tokenizers import Encoding
-
 from embedserve.backends import Backend, expects_cuda, load_backend
 from embedserve.backends.config import ModelConfig, load_model_config
 from embedserve.engine.cost import BatchCost, calibrate
 from embedserve.engine.kinds import DENSE, KINDS, SPARSE, KindSpec, serving
 from embedserve.engine.scheduler import BatchLimits, Lanes, Scheduler
-from embedserve.engine.tokenizer import TextTokenizer
+from embedserve.engine.tokenizer import TextTokenizer, Tokens
 from embedserve.engine.types import ModelDescription
 from embedserve.errors import ConfigError, ModelNotFoundError, Words, WrongModelKindError
 from embedserve.kinds import Capability, ModelKind
@@ -37,7 +35,7 @@ class ServedModel(Generic[R]):
     config: ModelConfig
     tokenizer: TextTokenizer
     backend: Backend
-    scheduler: Scheduler[Encoding, R]
+    scheduler: Scheduler[Tokens, R]
     batch_size: int
     loaded_at: float  # Unix time the model finished loading
 
@@ -135,10 +133,12 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
     started = time.monotonic()
     path = resolve_model_path(wanted.name)
     config = load_model_config(path, wanted.kind)
-    if config.max_input_tokens > settings.max_batch_tokens:
+    expected_cuda = expects_cuda(wanted.backend)
+    batch_tokens = max_batch_tokens(settings, expected_cuda)
+    if config.max_input_tokens > batch_tokens:
         raise ConfigError(
             f"model {wanted.name} takes inputs of up to {config.max_input_tokens} tokens but MAX_BATCH_TOKENS is "
-            f"{settings.max_batch_tokens}: raise --max-batch-tokens to at least {config.max_input_tokens}"
+            f"{batch_tokens}: raise --max-batch-tokens to at least {config.max_input_tokens}"
         )
     if config.kind is ModelKind.RERANK and config.num_labels != 1:
         raise ConfigError(
@@ -149,15 +149,15 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
     tokenizer = TextTokenizer(path, config.max_input_tokens)
     # Threads are set when the backend loads; were CUDA expected and did not start, the CPU
     # runs one worker on every core (the backend logs why), and the lanes follow what it got.
-    workers, threads = forward_threads(settings, expects_cuda(wanted.backend), cpu_cores())
+    workers, threads = forward_threads(settings, expected_cuda, cpu_cores())
     backend = load_backend(config, kind.graph, wanted.backend, wanted.dtype, settings.cache_dir, threads)
     model_lanes = lanes(settings, backend.info.on_cuda)
     cost = BatchCost()
     calibrating = time.monotonic()
-    cost.calibrate(calibrate(backend, wanted.batch_size, config.max_input_tokens, settings.max_batch_tokens))
+    cost.calibrate(calibrate(backend, wanted.batch_size, config.max_input_tokens, batch_tokens))
     limits = BatchLimits(
         max_batch_size=wanted.batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_tokens=batch_tokens,
         batch_overhead_tokens=cost.overhead_tokens() or backend.info.batch_overhead_tokens,
     )
     log.info(
@@ -187,7 +187,8 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
     )
     info = backend.info
     log.info(
-        "loaded model %s (%s, %s, max %d tokens) from %s: backend %s, provider %s, dtype %s, batch %d, in %.1f s",
+        "loaded model %s (%s, %s, max %d tokens) from %s: backend %s, provider %s, dtype %s, batch %d inputs / %d "
+        "tokens, in %.1f s",
         wanted.name,
         config.kind.value,
         kind.summary(config),
@@ -197,6 +198,7 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
         info.provider,
         info.dtype,
         wanted.batch_size,
+        batch_tokens,
         time.monotonic() - started,
     )
     return ServedModel(wanted.name, kind, config, tokenizer, backend, scheduler, wanted.batch_size, time.time())
@@ -214,6 +216,14 @@ def forward_threads(settings: Settings, on_cuda: bool, cores: int) -> tuple[int,
     (docs/benchmarks.md). On CUDA one stream runs one batch at a time."""
     workers = settings.forward_workers or (1 if on_cuda else 2)
     return workers, settings.intra_op_threads or max(1, cores // workers)
+
+
+def max_batch_tokens(settings: Settings, on_cuda: bool) -> int:
+    """Padded tokens of one forward pass. On CPU 4,096: the activations of a pass grow with its
+    tokens (attention with tokens x length), and on 2 cores 32 x 256-token MiniLM batches held
+    ~1.6 GB under the worst legal requests at once where 16 x 256 held 1.3 GB, in the same time
+    (111 s for 2,048 x 30 KB `Embed` beside a 2,048-document `Rerank`). On CUDA 16,384, as TEI."""
+    return settings.max_batch_tokens or (16384 if on_cuda else 4096)
 
 
 def lanes(settings: Settings, on_cuda: bool) -> Lanes:

