@@ -261,7 +261,17 @@ class Settings:
         16384,
         "QUEUE_SIZE",
         positive_int,
-        "inputs (or pairs) waiting per model, over all requests, before unary requests get `RESOURCE_EXHAUSTED`",
+        "inputs (or pairs) waiting per model and lane, over all requests, before unary requests get "
+        "`RESOURCE_EXHAUSTED`",
+    )
+    queue_seconds: float = setting(
+        2.0,
+        "QUEUE_SECONDS",
+        seconds,
+        "work each model queues per lane (bulk, and apart from it interactive), in seconds at the throughput "
+        "measured at startup, turned into tokens; beyond it unary requests get `RESOURCE_EXHAUSTED` (429) with "
+        "`retry-after` before they are tokenized, and streams wait. One request may take a lane past it, so "
+        "every legal request is admitted in time; 0: no limit but `QUEUE_SIZE`",
     )
     max_concurrency: int = setting(
         1024,

@@ -388,7 +388,7 @@ def test_job_without_items_or_with_mismatched_lengths_is_rejected() -> None:
 async def test_submit_nowait_is_overloaded_when_the_job_does_not_fit(make_scheduler: MakeScheduler) -> None:
     h = make_scheduler(queue_size=10, start=False)
     h.scheduler.submit_nowait(make_job("a", [1] * 6))
-    with pytest.raises(OverloadedError, match="6 inputs queued and takes at most 10"):
+    with pytest.raises(OverloadedError, match="6 inputs queued in its bulk lane and takes at most 10"):
         h.scheduler.submit_nowait(make_job("b", [1] * 5))
     assert h.scheduler.queued == 6
     h.scheduler.submit_nowait(make_job("c", [1] * 4))  # exactly full is fine
@@ -863,7 +863,7 @@ async def test_a_unary_request_that_fits_is_admitted_while_a_stream_waits_for_ro
     assert not waiting.done()
     unary = job("unary", [1] * 3)
     h.scheduler.submit_nowait(unary)  # 5 + 3 fits: admitted, though a stream waits
-    with pytest.raises(OverloadedError, match="8 inputs queued and takes at most 8"):
+    with pytest.raises(OverloadedError, match="8 inputs queued in its bulk lane and takes at most 8"):
         h.scheduler.submit_nowait(job("no room", [1]))
     h.backend.release()
     assert await result_of(unary) == expected(unary)
@@ -878,7 +878,7 @@ async def test_while_streams_wait_unary_work_keeps_at_most_half_the_queue(make_s
     waiting = asyncio.create_task(h.scheduler.submit(streamed))
     await settle()
     h.scheduler.submit_nowait(second)  # 8 of unary work: half the queue
-    with pytest.raises(OverloadedError, match="8 inputs of unary requests queued, half of its 16"):
+    with pytest.raises(OverloadedError, match=r"8 inputs \(8 tokens\) of unary requests queued, half of its queue"):
         h.scheduler.submit_nowait(job("third", [1] * 2))  # room for it (10 of 16), but over the half
     q = query("q")
     h.scheduler.submit_nowait(q)  # interactive work is not held to the half
@@ -886,4 +886,49 @@ async def test_while_streams_wait_unary_work_keeps_at_most_half_the_queue(make_s
     await asyncio.wait_for(waiting, TIMEOUT_S)
     for done in (q, first, second, streamed):
         assert await result_of(done) == expected(done)
-    assert h.scheduler.queued == 0 and h.scheduler._unary_queued == 0  # every count given back
+    assert h.scheduler.queued == 0 and h.scheduler._unary_inputs == h.scheduler._unary_tokens == 0  # all given back
+
+
+# -- admission by tokens, before tokenizing ---------------------------------------------
+
+
+async def test_a_lane_holding_its_tokens_refuses_unary_work_with_a_retry_after(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(queue_tokens=100, tokens_per_s=50.0)
+    h.backend.hold()
+    h.scheduler.submit_nowait(job("first", [30] * 5))  # 150 tokens: past the limit, one request may
+    with pytest.raises(OverloadedError, match=r"150 tokens queued in its bulk lane, ~3\.0 s of work") as refused:
+        h.scheduler.reserve_nowait(1, 1, Priority.BULK)
+    assert refused.value.retry_after_s == pytest.approx(1.0)  # (150 - 100) / 50 tokens/s
+    q = query("q")
+    h.scheduler.submit_nowait(q)  # the interactive lane has room of its own
+    assert h.scheduler.queued_tokens(Priority.INTERACTIVE) == 4
+    h.backend.release()
+    assert await result_of(q) == expected(q)
+    await settle()
+    assert h.scheduler.queued_tokens(Priority.BULK) == 0
+    h.scheduler.submit_nowait(job("then", [30] * 5))  # room again
+
+
+async def test_a_ticket_holds_the_estimate_until_the_job_takes_its_real_tokens(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(queue_tokens=100, start=False)
+    ticket = h.scheduler.reserve_nowait(3, 120, Priority.BULK)  # estimated before tokenizing
+    assert (h.scheduler.queued, h.scheduler.queued_tokens(Priority.BULK)) == (3, 120)
+    with pytest.raises(OverloadedError):  # while it is tokenized, the room is taken
+        h.scheduler.reserve_nowait(1, 1, Priority.BULK)
+    h.scheduler.admit(job("real", [10, 10, 10]), ticket)
+    assert (h.scheduler.queued, h.scheduler.queued_tokens(Priority.BULK)) == (3, 30)
+    with pytest.raises(RuntimeError, match="one job"):
+        h.scheduler.admit(job("again", [1]), ticket)
+    h.scheduler.release(h.scheduler.reserve_nowait(1, 5, Priority.BULK))  # a request that failed to tokenize
+    assert (h.scheduler.queued, h.scheduler.queued_tokens(Priority.BULK)) == (3, 30)
+
+
+async def test_room_given_back_by_a_failed_request_wakes_a_waiting_stream(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(queue_tokens=100, start=False)
+    ticket = h.scheduler.reserve_nowait(1, 200, Priority.BULK)
+    waiting = asyncio.create_task(h.scheduler.reserve(1, 10, Priority.BULK))
+    await settle()
+    assert not waiting.done()
+    h.scheduler.release(ticket)
+    stream_ticket = await asyncio.wait_for(waiting, TIMEOUT_S)
+    assert stream_ticket.held and h.scheduler.queued_tokens(Priority.BULK) == 10

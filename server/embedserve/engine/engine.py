@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from embedserve.engine import results, validation
 from embedserve.engine.kinds import RERANK
 from embedserve.engine.registry import Registry, ServedModel, is_kind
-from embedserve.engine.scheduler import Job
+from embedserve.engine.scheduler import Job, Ticket
 from embedserve.engine.streaming import windowed
 from embedserve.engine.tokenizer import Tokenized, Tokens
 from embedserve.engine.types import (
@@ -86,16 +86,17 @@ class Engine:
     async def embed(self, params: EmbedParams, call: Call = NO_CALL, wait: bool = False) -> EmbedResult:
         """Returns one vector per input. With wait=True (streams) a full queue delays admission
         and the work is bulk unless the request says otherwise; without, a full queue fails fast
-        with OverloadedError."""
+        with OverloadedError, before the texts are tokenized."""
         arrived = time.monotonic()
         model = self.registry.find(params.model, Capability.EMBED)
         validation.check_inputs(params.inputs, self.settings.max_inputs_per_request)
         validation.check_dimensions(params, model.id, model.config.hidden_size)
         prefix = validation.prompt_prefix(params, model.id, model.config)
         texts = [prefix + t for t in params.inputs] if prefix else list(params.inputs)
-        tokenized, tokenize_s = await self._tokenize(model, texts, params.truncate)
         lane = self.lane(params.priority, call, len(params.inputs), streamed=wait)
-        rows, job = await self._run(model, tokenized, call, lane, wait)
+        ticket = await self._reserve(model, len(texts), model.tokenizer.estimate(texts), lane, wait)
+        tokenized, tokenize_s = await self._tokenize(model, ticket, texts, params.truncate)
+        rows, job = await self._run(model, tokenized, call, lane, ticket)
         return EmbedResult(
             vectors=results.vectors(rows, params, model.config.normalize),
             model=model.id,
@@ -123,9 +124,11 @@ class Engine:
         model = self.registry.find(params.model, Capability.SPARSE_EMBED)
         validation.check_inputs(params.inputs, self.settings.max_inputs_per_request)
         validation.check_sparse(params)
-        tokenized, tokenize_s = await self._tokenize(model, list(params.inputs), params.truncate)
-        lane = self.lane(params.priority, call, len(params.inputs))
-        rows, job = await self._run(model, tokenized, call, lane, wait=False)
+        texts = list(params.inputs)
+        lane = self.lane(params.priority, call, len(texts))
+        ticket = await self._reserve(model, len(texts), model.tokenizer.estimate(texts), lane)
+        tokenized, tokenize_s = await self._tokenize(model, ticket, texts, params.truncate)
+        rows, job = await self._run(model, tokenized, call, lane, ticket)
         vectors = [results.select_terms(row, params, model.tokenizer) for row in rows]
         return SparseResult(
             vectors=vectors,
@@ -142,18 +145,21 @@ class Engine:
         validation.check_rerank(params, self.settings.max_inputs_per_request)
         lane = self.lane(params.priority, call, len(params.documents))
         if is_kind(model, RERANK):
+            estimate = model.tokenizer.estimate(params.documents, params.query)
+            ticket = await self._reserve(model, len(params.documents), estimate, lane)
             tokenized, tokenize_s = await self._tokenize(
-                model, params.documents, params.truncate, params.query, "documents[{}]".format
+                model, ticket, params.documents, params.truncate, params.query, "documents[{}]".format
             )
-            logits, job = await self._run(model, tokenized, call, lane, wait=False)
+            logits, job = await self._run(model, tokenized, call, lane, ticket)
             scores = results.cross_encoder_scores(logits, params.raw_scores)
         else:  # bi-encoder: cosine between the query's vector and each document's
             query_prompt, document_prompt = validation.document_prompts(model.config)
             texts = [query_prompt + params.query, *(document_prompt + d for d in params.documents)]
+            ticket = await self._reserve(model, len(texts), model.tokenizer.estimate(texts), lane)
             tokenized, tokenize_s = await self._tokenize(
-                model, texts, params.truncate, name=lambda i: "the query" if i == 0 else f"documents[{i - 1}]"
+                model, ticket, texts, params.truncate, name=lambda i: "the query" if i == 0 else f"documents[{i - 1}]"
             )
-            rows, job = await self._run(model, tokenized, call, lane, wait=False)
+            rows, job = await self._run(model, tokenized, call, lane, ticket)
             scores = results.cosine_scores(rows)
         return RerankResult(
             results=results.ranking(scores, params),
@@ -164,9 +170,18 @@ class Engine:
 
     # -- steps -------------------------------------------------------------------------
 
+    @staticmethod
+    async def _reserve(model: ServedModel[Any], inputs: int, tokens: int, lane: Priority, wait: bool = False) -> Ticket:
+        """Holds room in the model's queue for a request, before it is tokenized: a full queue
+        refuses a unary request at once (OverloadedError) and makes a stream's wait."""
+        if wait:
+            return await model.scheduler.reserve(inputs, tokens, lane)
+        return model.scheduler.reserve_nowait(inputs, tokens, lane)
+
     async def _tokenize(
         self,
         model: ServedModel[Any],
+        ticket: Ticket,
         texts: list[str],
         truncate: bool,
         query: str | None = None,
@@ -174,7 +189,22 @@ class Engine:
     ) -> tuple[Tokenized, float]:
         """Tokenizes texts (or query/text pairs) off the event loop; with truncate=False an
         input over the model's max tokens fails the request, naming it (`name(position)`) and
-        both lengths."""
+        both lengths. A request that fails here, or whose caller goes away, gives its ticket's
+        room back."""
+        try:
+            return await self._tokenized(model, texts, truncate, query, name)
+        except BaseException:
+            model.scheduler.release(ticket)
+            raise
+
+    async def _tokenized(
+        self,
+        model: ServedModel[Any],
+        texts: list[str],
+        truncate: bool,
+        query: str | None,
+        name: Callable[[int], str],
+    ) -> tuple[Tokenized, float]:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         if query is None:
@@ -195,14 +225,12 @@ class Engine:
 
     @staticmethod
     async def _run(
-        model: ServedModel[R], tokenized: Tokenized, call: Call, lane: Priority, wait: bool
+        model: ServedModel[R], tokenized: Tokenized, call: Call, lane: Priority, ticket: Ticket
     ) -> tuple[list[R], Job[Tokens, R]]:
-        """Queues the inputs on the model's scheduler and awaits one result per input."""
+        """Queues the inputs on the model's scheduler, in the room `ticket` holds, and awaits one
+        result per input."""
         job: Job[Tokens, R] = Job(tokenized.encoded, tokenized.lengths, call.deadline, lane, call.tenant, call)
-        if wait:
-            await model.scheduler.submit(job)
-        else:
-            model.scheduler.submit_nowait(job)
+        model.scheduler.admit(job, ticket)
         try:
             rows = await asyncio.shield(job.future)
         except asyncio.CancelledError:

@@ -167,6 +167,8 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
         time.monotonic() - calibrating,
         limits.batch_overhead_tokens,
     )
+    rate = throughput(cost, limits, config.max_input_tokens, workers)
+    queue_tokens = max(1, round(rate * settings.queue_seconds)) if settings.queue_seconds > 0 and rate else None
     scheduler = Scheduler(
         wanted.name,
         kind.runner(tokenizer, backend, config),
@@ -175,6 +177,16 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
         workers=workers,
         lanes=model_lanes,
         cost=cost,
+        queue_tokens=queue_tokens,
+        tokens_per_s=rate or None,
+    )
+    log.info(
+        "model %s: each lane queues at most %d inputs and %s",
+        wanted.name,
+        settings.queue_size,
+        f"{queue_tokens} tokens (~{settings.queue_seconds:g} s of work at the {rate:.0f} tokens/s measured)"
+        if queue_tokens
+        else "no limit in tokens",
     )
     log.info(
         "model %s: %d bulk forward worker(s) x %d intra-op thread(s); interactive batches %s",
@@ -216,6 +228,15 @@ def forward_threads(settings: Settings, on_cuda: bool, cores: int) -> tuple[int,
     (docs/benchmarks.md). On CUDA one stream runs one batch at a time."""
     workers = settings.forward_workers or (1 if on_cuda else 2)
     return workers, settings.intra_op_threads or max(1, cores // workers)
+
+
+def throughput(cost: BatchCost, limits: BatchLimits, max_tokens: int, workers: int) -> float:
+    """Tokens a second the model's bulk workers get through on full batches of 128-token inputs
+    (shorter if the model takes fewer), by the forward-pass costs measured at startup; 0 unknown."""
+    length = min(128, max_tokens)
+    count = max(1, min(limits.max_batch_size, limits.max_batch_tokens // length))
+    seconds = cost.seconds(count, length)
+    return workers * count * length / seconds if seconds > 0 else 0.0
 
 
 def max_batch_tokens(settings: Settings, on_cuda: bool) -> int:

@@ -2,6 +2,12 @@
 length-sorted batches under a size and a token budget, run on worker threads (one forward pass
 each, `workers` at once).
 
+Admission comes before any cost is paid: a request holds room (a `Ticket`, its tokens estimated
+from its length) before it is tokenized, and each lane's queue takes work while it holds fewer
+than `queue_tokens` tokens (seconds of work at the measured throughput) and `queue_size` inputs.
+A unary request that finds its lane full is refused at once, with when to retry; a stream's
+waits, first come, first served.
+
 Two lanes: interactive work (a few inputs a caller waits on) and bulk work. Interactive work
 either runs on a worker thread of its own, alongside bulk batches (`Lanes.alongside`, what a CPU
 gets: a query never waits for a bulk batch, and bulk batches stay full), or goes first, in the
@@ -45,7 +51,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["BatchLimits", "Job", "Lanes", "Scheduler"]
+__all__ = ["BatchLimits", "Job", "Lanes", "Scheduler", "Ticket"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,8 @@ class Job(Generic[T, R]):
         self.admitted_at = time.monotonic()
         self.last_batch_started_at = self.admitted_at
         self.inference_s = 0.0
-        self.unary = False  # admitted by submit_nowait (a unary request), not by a waiting submit
+        self.unary = False  # a unary request's (refused when there is no room), not a stream's (waits)
+        self.tokens_left = 0  # tokens of the items not yet computed, from admission on
 
     @property
     def done(self) -> bool:
@@ -120,6 +127,19 @@ class Handed(Generic[T, R]):
     future: concurrent.futures.Future[tuple[Sequence[R], float, float]]
 
 
+@dataclass(eq=False)
+class Ticket:
+    """Room in the queue held for one request: from before its texts are tokenized (an estimate
+    of its tokens, from their lengths) until its job is admitted (its real tokens) or the room is
+    given back. A request is refused or made to wait on these cheap facts, before any cost is paid."""
+
+    inputs: int
+    tokens: int
+    lane: Priority
+    unary: bool  # a unary request (refused when there is no room) rather than a stream's (waits)
+    held: bool = False
+
+
 class Scheduler(Generic[T, R]):
     """Batches items of many jobs for one model and runs them in a worker thread."""
 
@@ -134,11 +154,17 @@ class Scheduler(Generic[T, R]):
         on_failure: Callable[[BaseException], None] | None = None,
         lanes: Lanes | None = None,
         cost: BatchCost | None = None,
+        queue_tokens: int | None = None,
+        tokens_per_s: float | None = None,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
         self.limits = limits
+        # Each lane's queue holds at most queue_size inputs, and takes more work only while it holds
+        # fewer than queue_tokens tokens (None: no limit); tokens_per_s turns tokens into seconds.
         self.queue_size = queue_size
+        self.queue_tokens = queue_tokens
+        self.tokens_per_s = tokens_per_s
         self.lanes = lanes or Lanes()
         # Measured forward-pass times by batch shape; bulk batches are cut to lanes.bulk_batch_s.
         self.cost = cost or BatchCost()
@@ -156,9 +182,13 @@ class Scheduler(Generic[T, R]):
         self._busy_at = time.monotonic()
         self._last_interactive = -math.inf
         self._live: set[Job[T, R]] = set()
-        self._queued = 0  # admitted items not yet computed or dropped
-        self._unary_queued = 0  # of them, those of jobs admitted without waiting (unary requests)
-        self._space_waiters: collections.deque[tuple[Job[T, R], asyncio.Future[None]]] = collections.deque()
+        # Inputs and tokens held per lane (tickets and admitted items not yet computed or dropped),
+        # and of bulk's, those of unary requests.
+        self._inputs = {p: 0 for p in lanes_}
+        self._tokens = {p: 0 for p in lanes_}
+        self._unary_inputs = 0
+        self._unary_tokens = 0
+        self._space_waiters: collections.deque[tuple[Ticket, asyncio.Future[None]]] = collections.deque()
         self._wakeup = asyncio.Event()
         bulk = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"forward-{name}")
         self._executors = {lane: bulk for lane in lanes_}
@@ -174,8 +204,12 @@ class Scheduler(Generic[T, R]):
 
     @property
     def queued(self) -> int:
-        """Items admitted and not yet computed."""
-        return self._queued
+        """Inputs held: admitted and not yet computed, or reserved for requests being tokenized."""
+        return sum(self._inputs.values())
+
+    def queued_tokens(self, lane: Priority) -> int:
+        """Tokens a lane holds, as `queued` counts inputs."""
+        return self._tokens[lane]
 
     def _crashed(self) -> EngineFailedError:
         return EngineFailedError(f"the worker for model {self.name} crashed: {self.failure!r}")
@@ -184,41 +218,68 @@ class Scheduler(Generic[T, R]):
         if self.failure is not None:
             raise self._crashed()
 
-    def submit_nowait(self, job: Job[T, R]) -> None:
-        """Admits a job or fails fast with OverloadedError when the queue cannot take it."""
-        self._check_healthy()
-        if self._queued + job.size > self.queue_size:
-            raise OverloadedError(
-                f"model {self.name} has {self._queued} inputs queued and takes at most "
-                f"{self.queue_size}: retry later with backoff, or send fewer inputs at once"
-            )
-        # A unary job that fits is admitted even while streams wait for room (they take room the
-        # moment it frees, first come, first served); but then bulk unary work keeps at most half
-        # of the queue, so that a flood of it cannot keep the waiting streams out for good.
-        if (
-            self._space_waiters
-            and job.priority is Priority.BULK
-            and self._unary_queued + job.size > self.queue_size // 2
-        ):
-            raise OverloadedError(
-                f"model {self.name} has {self._unary_queued} inputs of unary requests queued, half of its "
-                f"{self.queue_size} while streams wait for room: retry later with backoff"
-            )
-        job.unary = True
-        self._admit(job)
+    def _has_room(self, ticket: Ticket) -> bool:
+        """The lane's inputs fit, and it holds less than its tokens' limit: one request may take it
+        past the limit, so that no legal request is too large to be admitted ever."""
+        lane = ticket.lane
+        if self._inputs[lane] + ticket.inputs > self.queue_size:
+            return False
+        return self.queue_tokens is None or self._tokens[lane] < self.queue_tokens
 
-    async def submit(self, job: Job[T, R]) -> None:
-        """Admits a job, waiting (first come, first served) until the queue has room."""
+    def _retry_after(self, lane: Priority) -> float:
+        """Seconds until the lane's queue is back under its limit, at the measured throughput."""
+        if self.queue_tokens is None or not self.tokens_per_s:
+            return 1.0
+        return max(1.0, (self._tokens[lane] - self.queue_tokens) / self.tokens_per_s)
+
+    def _full(self, ticket: Ticket) -> str:
+        """Which of its lane's limits a ticket finds full, in numbers."""
+        lane = ticket.lane
+        if self._inputs[lane] + ticket.inputs > self.queue_size or self.queue_tokens is None:
+            return f"{self._inputs[lane]} inputs queued in its {lane.value} lane and takes at most {self.queue_size}"
+        seconds = f", ~{self._tokens[lane] / self.tokens_per_s:.1f} s of work" if self.tokens_per_s else ""
+        return (
+            f"{self._tokens[lane]} tokens queued in its {lane.value} lane{seconds}, its limit of "
+            f"{self.queue_tokens} (QUEUE_SECONDS)"
+        )
+
+    def reserve_nowait(self, inputs: int, tokens: int, lane: Priority) -> Ticket:
+        """Holds room for a unary request of `inputs` inputs and about `tokens` tokens, or fails
+        fast with OverloadedError (its retry_after_s: when room should free)."""
         self._check_healthy()
-        if job.size > self.queue_size:
-            raise OverloadedError(f"{job.size} inputs can never fit a queue of {self.queue_size}")
-        if not self._space_waiters and self._queued + job.size <= self.queue_size:
-            self._admit(job)
-            return
-        # The waker admits the job itself before resolving the waiter, so room freed twice
-        # in one loop turn is never handed out twice.
+        ticket = Ticket(inputs, tokens, lane, unary=True)
+        if not self._has_room(ticket):
+            raise OverloadedError(
+                f"model {self.name} has {self._full(ticket)}: retry later with backoff, or send fewer inputs at once",
+                retry_after_s=self._retry_after(lane),
+            )
+        # A unary request that fits is admitted even while streams wait for room (they take room
+        # the moment it frees, first come, first served); but then bulk unary work keeps at most
+        # half of the queue, so that a flood of it cannot keep the waiting streams out for good.
+        if self._space_waiters and lane is Priority.BULK:
+            half_tokens = self.queue_tokens is not None and self._unary_tokens >= self.queue_tokens // 2
+            if half_tokens or self._unary_inputs + inputs > self.queue_size // 2:
+                raise OverloadedError(
+                    f"model {self.name} has {self._unary_inputs} inputs ({self._unary_tokens} tokens) of unary "
+                    f"requests queued, half of its queue, while streams wait for room: retry later with backoff",
+                    retry_after_s=self._retry_after(lane),
+                )
+        self._hold(ticket)
+        return ticket
+
+    async def reserve(self, inputs: int, tokens: int, lane: Priority) -> Ticket:
+        """Holds room for a stream's request, waiting (first come, first served) until there is."""
+        self._check_healthy()
+        if inputs > self.queue_size:
+            raise OverloadedError(f"{inputs} inputs can never fit a queue of {self.queue_size}")
+        ticket = Ticket(inputs, tokens, lane, unary=False)
+        if not self._space_waiters and self._has_room(ticket):
+            self._hold(ticket)
+            return ticket
+        # The waker holds the room itself before resolving the waiter, so room freed twice in
+        # one loop turn is never handed out twice.
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (job, waiter)
+        entry = (ticket, waiter)
         self._space_waiters.append(entry)
         try:
             await waiter
@@ -227,23 +288,60 @@ class Scheduler(Generic[T, R]):
                 self._space_waiters.remove(entry)
                 self._wake_space_waiters()
             else:
-                self.cancel(job)  # admitted just before the caller went away: hand the room back
+                self.release(ticket)  # room held just before the caller went away: give it back
             raise
+        return ticket
 
-    def _admit(self, job: Job[T, R]) -> None:
-        self._queued += job.size
-        if job.unary:
-            self._unary_queued += job.size
+    def _hold(self, ticket: Ticket) -> None:
+        self._count(ticket.lane, ticket.unary, ticket.inputs, ticket.tokens)
+        ticket.held = True
+
+    def _count(self, lane: Priority, unary: bool, inputs: int, tokens: int) -> None:
+        self._inputs[lane] += inputs
+        self._tokens[lane] += tokens
+        if unary and lane is Priority.BULK:
+            self._unary_inputs += inputs
+            self._unary_tokens += tokens
+
+    def release(self, ticket: Ticket) -> None:
+        """Gives back the room of a ticket whose request never became a job (it failed, or its
+        caller went away, before it was admitted)."""
+        if ticket.held:
+            ticket.held = False
+            self._count(ticket.lane, ticket.unary, -ticket.inputs, -ticket.tokens)
+            self._wake_space_waiters()
+
+    def admit(self, job: Job[T, R], ticket: Ticket) -> None:
+        """Admits a job into the room its ticket held, which now counts the job's real tokens."""
+        if not ticket.held:
+            raise RuntimeError("a ticket admits one job, and only while it holds room")
+        if self.failure is not None:
+            self.release(ticket)
+            raise self._crashed()
+        ticket.held = False
+        job.unary = ticket.unary
+        job.tokens_left = sum(job.lengths)
+        self._count(ticket.lane, ticket.unary, job.size - ticket.inputs, job.tokens_left - ticket.tokens)
         self._live.add(job)
         self._waiting[job.priority].append(job)
         if job.priority is Priority.INTERACTIVE:
             self._last_interactive = time.monotonic()
             self._refill()  # into the worker's next slot now, ahead of a bulk batch parked there
         self._wakeup.set()
+        if job.tokens_left < ticket.tokens:  # the estimate was high: room freed
+            self._wake_space_waiters()
+
+    def submit_nowait(self, job: Job[T, R]) -> None:
+        """Admits a job or fails fast with OverloadedError when its lane cannot take it."""
+        self.admit(job, self.reserve_nowait(job.size, sum(job.lengths), job.priority))
+
+    async def submit(self, job: Job[T, R]) -> None:
+        """Admits a job, waiting (first come, first served) until its lane has room."""
+        self.admit(job, await self.reserve(job.size, sum(job.lengths), job.priority))
 
     def _wake_space_waiters(self) -> None:
         while self._space_waiters:
-            job, waiter = self._space_waiters[0]
+            ticket, waiter = self._space_waiters[0]
             if waiter.done():  # its caller was cancelled; it removes itself
                 self._space_waiters.popleft()
                 continue
@@ -251,10 +349,10 @@ class Scheduler(Generic[T, R]):
                 self._space_waiters.popleft()
                 waiter.set_exception(self._crashed())
                 continue
-            if self._queued + job.size > self.queue_size:
+            if not self._has_room(ticket):
                 break
             self._space_waiters.popleft()
-            self._admit(job)
+            self._hold(ticket)
             waiter.set_result(None)
 
     def cancel(self, job: Job[T, R]) -> None:
@@ -265,10 +363,8 @@ class Scheduler(Generic[T, R]):
         if job not in self._live:
             return
         self._live.discard(job)
-        self._queued -= job.uncomputed
-        if job.unary:
-            self._unary_queued -= job.uncomputed
-        job.uncomputed = 0
+        self._count(job.priority, job.unary, -job.uncomputed, -job.tokens_left)
+        job.uncomputed = job.tokens_left = 0
         if not job.future.done():
             job.future.set_exception(error)
             job.future.exception()  # mark retrieved: a cancelled caller never reads it
@@ -470,8 +566,8 @@ class Scheduler(Generic[T, R]):
                 continue  # cancelled or expired while its batch ran; already accounted
             job.results[pos] = result
             job.uncomputed -= 1
-            self._queued -= 1
-            self._unary_queued -= job.unary
+            job.tokens_left -= job.lengths[pos]
+            self._count(job.priority, job.unary, -1, -job.lengths[pos])
             touched.add(job)
         for job in touched:
             job.inference_s += ended - started

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +80,8 @@ def _special_token(path: Path, name: str) -> str | None:
 # turns 16 characters of text into less than one token, white space runs and very long words
 # aside (they are caught: `_cut_first`).
 CHARS_PER_TOKEN = 16
+# Characters a token of the estimate (`TextTokenizer.estimate`) takes.
+CHARS_PER_TOKEN_ESTIMATE = 4
 # Texts tokenized at once (the tokenizer still spreads each slice over its threads).
 TOKENIZE_SLICE = 256
 
@@ -162,6 +164,15 @@ class TextTokenizer:
         for i, encoding in zip(short, encode([texts[i] for i in short]) if short else [], strict=True):
             encodings[i] = encoding
         return encodings
+
+    def estimate(self, texts: Sequence[str], query: str | None = None) -> int:
+        """About how many tokens texts (or query/text pairs) become, from their lengths alone,
+        before any tokenizing: what admission holds room for. ~4 characters a token (English
+        prose through BERT's WordPiece), at most max_tokens an input, 2 special tokens (3 and the
+        query's for a pair); the job's real count replaces it once tokenized."""
+        extra = 2 if query is None else 3 + len(query) // CHARS_PER_TOKEN_ESTIMATE
+        cap = self.max_tokens
+        return sum(min(cap, len(text) // CHARS_PER_TOKEN_ESTIMATE + extra) for text in texts)
 
     def token(self, token_id: int) -> str:
         """The vocabulary token of an id."""
