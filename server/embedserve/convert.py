@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from embedserve.engine import types as domain
-from embedserve.errors import InvalidInputError
+from embedserve.errors import InvalidInputError, quoted
 from embedserve.kinds import Capability, ModelKind
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import openai_service_pb2 as rest
@@ -255,7 +255,7 @@ def encoding_format(request: rest.CreateEmbeddingsRequest) -> str:
     """The requested encoding_format, checked before any work is done."""
     name = request.encoding_format or "float"
     if name not in ENCODING_FORMATS:
-        raise InvalidInputError(f"encoding_format must be 'float' or 'base64', got {request.encoding_format!r}")
+        raise InvalidInputError(f"encoding_format must be 'float' or 'base64', got {quoted(request.encoding_format)}")
     return name
 
 

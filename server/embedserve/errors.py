@@ -22,6 +22,16 @@ def own_words(capability: Capability) -> tuple[str, ...]:
     return (capability.value,)
 
 
+def quoted(text: str, limit: int = 80) -> str:
+    """A caller's text as an error message echoes it: quoted, and cut to `limit` characters with
+    its length said. Echoed whole, an 8 KB model name made the gRPC error's metadata too large
+    (the client saw a retry-inviting RESOURCE_EXHAUSTED instead of NOT_FOUND) and 100 KB a 502
+    over REST."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class EmbedServeError(Exception):
     """Base of every error whose message is meant for the caller.
 

@@ -38,7 +38,7 @@ import grpc
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 
-from embedserve.errors import EmbedServeError, InvalidInputError, status_for
+from embedserve.errors import EmbedServeError, InvalidInputError, quoted, status_for
 from embedserve.intercept import ServiceInterceptor
 from embedserve.services.rpc import tenant_of
 
@@ -284,7 +284,7 @@ class _Once:
         if begun is Begun.MISMATCH:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"the {KEY_HEADER} {key[:64]!r} was used with a different {_rpc(method)} request: resend that "
+                f"the {KEY_HEADER} {quoted(key, 64)} was used with a different {_rpc(method)} request: resend that "
                 "same request to get its answer, or use a new key for a new request",
                 trailing_metadata=((HTTP_STATUS_HEADER, "422"),),
             )

@@ -78,6 +78,7 @@ def test_a_2048_input_request_succeeds(http: httpx.Client) -> None:
         ({"input": "x", "dimensions": 0}, 400, "invalid_argument", "dimensions"),
         ({"input": "x", "model": "no/such-model"}, 404, "not_found", DEFAULT_DENSE_MODEL),
         ({"input": "x", "model": 'nö/"quoted"\\model'}, 404, "not_found", "'nö/\"quoted\"\\\\model'"),
+        ({"input": "x", "model": "m" * 100_000}, 404, "not_found", "(100000 characters)"),  # was a 502
         ({"input": None}, 400, "invalid_argument", "not null"),
         ({"input": "x", "model": SPARSE_MODEL}, 400, "failed_precondition", "sparse"),
     ],

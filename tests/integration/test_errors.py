@@ -27,6 +27,22 @@ def test_unknown_model_is_not_found_and_lists_served_models(server: RunningServe
     assert "no/such-model" in str(error.details()) and DEFAULT_DENSE_MODEL in str(error.details())
 
 
+@pytest.mark.parametrize("size", [8 * 1024, 100 * 1024])
+def test_long_names_are_echoed_cut_and_keep_their_precise_code(server: RunningServer, size: int) -> None:
+    # Echoed whole, an 8 KB name made the error's metadata too large: RESOURCE_EXHAUSTED, not NOT_FOUND.
+    name = "m" * size
+    cases = [
+        (server.stub().Embed, pb.EmbedRequest(model=name, inputs=["x"]), grpc.StatusCode.NOT_FOUND),
+        (server.stub().Embed, pb.EmbedRequest(inputs=["x"], prompt_name=name), grpc.StatusCode.INVALID_ARGUMENT),
+        (server.stub().SparseEmbed, pb.SparseEmbedRequest(model=name, inputs=["x"]), grpc.StatusCode.NOT_FOUND),
+    ]
+    for call, request, code in cases:
+        error = error_of(call, request)
+        assert error.code() == code
+        details = str(error.details())
+        assert f"({size} characters)" in details and len(details) < 1000
+
+
 @pytest.mark.parametrize(
     ("request_", "needle"),
     [

@@ -16,7 +16,7 @@ from embedserve.engine.kinds import DENSE, KINDS, SPARSE, KindSpec, serving
 from embedserve.engine.scheduler import BatchLimits, Lanes, Scheduler
 from embedserve.engine.tokenizer import TextTokenizer, Tokens
 from embedserve.engine.types import ModelDescription
-from embedserve.errors import ConfigError, ModelNotFoundError, Words, WrongModelKindError
+from embedserve.errors import ConfigError, ModelNotFoundError, Words, WrongModelKindError, quoted
 from embedserve.kinds import Capability, ModelKind
 from embedserve.models import resolve_model_path
 from embedserve.settings import ModelSettings, Settings
@@ -108,13 +108,14 @@ class Registry:
             raise ModelNotFoundError(no_default)
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError(f"model {name!r} is not served; served models: {self._served()}")
+            raise ModelNotFoundError(f"model {quoted(name)} is not served; served models: {self._served()}")
         if model.spec not in kinds:
             offered = model.spec.capabilities
 
             def wrong_kind(say: Words) -> str:
                 answers = ", ".join(word for c in offered for word in say(c))
-                return f"model {name!r} is a {model.kind.value} model and answers {answers}, not {say(capability)[0]}"
+                kind = model.kind.value
+                return f"model {quoted(name)} is a {kind} model and answers {answers}, not {say(capability)[0]}"
 
             raise WrongModelKindError(wrong_kind)
         return model

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from embedserve.backends.config import ModelConfig
 from embedserve.engine.types import EmbedParams, RerankParams, SparseParams
-from embedserve.errors import InvalidInputError
+from embedserve.errors import InvalidInputError, quoted
 
 
 def check_inputs(inputs: Sequence[str], limit: int, what: str = "inputs") -> None:
@@ -57,7 +57,7 @@ def prompt_prefix(params: EmbedParams, model_id: str, config: ModelConfig) -> st
         return ""
     if name not in prompts:
         known = ", ".join(sorted(prompts)) or "none"
-        raise InvalidInputError(f"model {model_id} has no prompt named {name!r}; its prompts: {known}")
+        raise InvalidInputError(f"model {model_id} has no prompt named {quoted(name)}; its prompts: {known}")
     return prompts[name]
 
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from embedserve.engine.types import Call, Priority
-from embedserve.errors import EmbedServeError, InvalidInputError, Words, status_for, trailing_metadata
+from embedserve.errors import EmbedServeError, InvalidInputError, Words, quoted, status_for, trailing_metadata
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _priority(value: str | bytes | None) -> Priority | None:
         return Priority(name)
     except ValueError:
         raise InvalidInputError(
-            f"{PRIORITY_HEADER} must be {' or '.join(p.value for p in Priority)}, got {name[:40]!r}"
+            f"{PRIORITY_HEADER} must be {' or '.join(p.value for p in Priority)}, got {quoted(name, 40)}"
         ) from None
 
 
