@@ -1,39 +1,58 @@
-"""The client's bulk_embed, with its default retries, rides through a server killed (SIGKILL)
-mid-stream and started again on the same port: every vector once, in input order."""
+"""The client's bulk_embed, with its default retries, rides through a server stopped mid-stream,
+drained by SIGTERM or killed by SIGKILL, and started again on the same port: 20,000 texts, every
+vector once, in input order."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 
 import numpy as np
+import numpy.typing as npt
+import pytest
 from embedserve_client import AsyncClient
 
 from bench.process import ServerProcess, free_port
 from embedserve.settings import DEFAULT_DENSE_MODEL
 from tests.conftest import CACHE_DIR, RunningServer
 
-COUNT = 3000
+COUNT = 20_000
+TEXTS = [f"text {i} on restarts" for i in range(COUNT)]
 
 
-async def test_bulk_embed_with_default_retries_survives_a_killed_and_restarted_server(server: RunningServer) -> None:
-    texts = [f"text number {i} about restarts" for i in range(COUNT)]
+@pytest.fixture(scope="module")
+async def expected(server: RunningServer) -> npt.NDArray[np.float32]:
+    """Every text's vector, from the in-process server."""
+    async with AsyncClient(server.address) as reference:
+        return np.concatenate([await reference.embed(TEXTS[i : i + 2048]) for i in range(0, COUNT, 2048)])
+
+
+def stop_and_restart(first: ServerProcess, sig: signal.Signals, flags: list[str]) -> ServerProcess:
+    """Stops the server with `sig` (SIGTERM drains in-flight calls for the grace period) and,
+    once it is gone, starts another on the same port."""
+    first.proc.send_signal(sig)
+    first.proc.wait(timeout=60)
+    return ServerProcess(flags)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_bulk_embed_with_default_retries_survives_a_stopped_and_restarted_server(
+    expected: npt.NDArray[np.float32], sig: signal.Signals
+) -> None:
     flags = ["--cache-dir", str(CACHE_DIR), "--port", str(free_port()), "--model-names", DEFAULT_DENSE_MODEL]
-    first = ServerProcess(flags)
+    first = ServerProcess([*flags, "--grace-period", "1"])
     restarted: asyncio.Task[ServerProcess] | None = None
     vectors = []
     try:
         async with AsyncClient(first.address) as client:
-            async for vector in client.bulk_embed(texts, batch_size=32, window=4):  # default max_retries
+            async for vector in client.bulk_embed(TEXTS, batch_size=64, window=4):  # default max_retries
                 vectors.append(vector)
-                if len(vectors) == 500:
-                    first.proc.kill()  # mid-stream, no drain
-                    first.proc.wait()
-                    restarted = asyncio.create_task(asyncio.to_thread(ServerProcess, flags))
+                if len(vectors) == 3000:
+                    restarted = asyncio.create_task(asyncio.to_thread(stop_and_restart, first, sig, flags))
         assert restarted is not None and restarted.done()
+        assert first.proc.returncode == (0 if sig is signal.SIGTERM else -signal.SIGKILL)  # drained and exited
         assert len(vectors) == COUNT
-        async with AsyncClient(server.address) as reference:
-            expected = np.concatenate([await reference.embed(texts[i : i + 1000]) for i in range(0, COUNT, 1000)])
         np.testing.assert_allclose(np.stack(vectors), expected, atol=1e-5)  # each once, in order
     finally:
         if first.proc.poll() is None:

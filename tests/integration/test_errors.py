@@ -31,7 +31,7 @@ def test_unknown_model_is_not_found_and_lists_served_models(server: RunningServe
 def test_long_names_are_echoed_cut_and_keep_their_precise_code(server: RunningServer, size: int) -> None:
     # Echoed whole, an 8 KB name made the error's metadata too large: RESOURCE_EXHAUSTED, not NOT_FOUND.
     name = "m" * size
-    cases = [
+    cases: list[tuple[Callable[..., object], object, grpc.StatusCode]] = [
         (server.stub().Embed, pb.EmbedRequest(model=name, inputs=["x"]), grpc.StatusCode.NOT_FOUND),
         (server.stub().Embed, pb.EmbedRequest(inputs=["x"], prompt_name=name), grpc.StatusCode.INVALID_ARGUMENT),
         (server.stub().SparseEmbed, pb.SparseEmbedRequest(model=name, inputs=["x"]), grpc.StatusCode.NOT_FOUND),
