@@ -81,15 +81,9 @@ RUN pip install --no-cache-dir -c /tmp/constraints.txt . \
 # The same cache key the server computes (model files, dtype, exporter and runtime versions),
 # so a start with the default models finds its export here. Exporting runs on the CPU.
 ENV EMBEDSERVE_CACHE_DIR=/var/cache/embedserve
-RUN python -c "\
-import logging, pathlib, sys; \
-logging.basicConfig(level=logging.INFO); \
-from embedserve.backends.config import load_model_config; \
-from embedserve.backends.onnx import export_model; \
-from embedserve.models import BUNDLED, resolve_model_path; \
-cache = pathlib.Path(sys.argv[1]); \
-[export_model(load_model_config(resolve_model_path(name)), dtype, cache) for name in BUNDLED for dtype in sys.argv[2].split()]" \
-    "$EMBEDSERVE_CACHE_DIR" "$EXPORT_DTYPES"
+# EXPORT_DTYPES is split into words on purpose: one argument per dtype.
+# hadolint ignore=SC2086
+RUN python -m embedserve.export "$EMBEDSERVE_CACHE_DIR" $EXPORT_DTYPES
 
 # Envoy in front of the server: REST (OpenAI-shaped) and native gRPC on :8080.
 FROM ${ENVOY_IMAGE} AS envoy
