@@ -63,6 +63,16 @@ def add_shared_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-out", type=Path, help="also write the JSON summary to this file")
 
 
+def add_baseline_arg(p: argparse.ArgumentParser, default: str) -> None:
+    """--baseline REF: the commit whose server runs every phase too (bench.process.Baseline); '' skips it."""
+    p.add_argument(
+        "--baseline",
+        default=default,
+        metavar="REF",
+        help=f"commit whose server runs every phase too, from a git worktree (default {default}); '' skips it",
+    )
+
+
 def check_positive(p: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
     """Exits with a usage error when any of the named options is below 1."""
     for name in names:

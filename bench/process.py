@@ -5,6 +5,7 @@ only, so that tests import it cheaply."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -39,6 +40,17 @@ def process_cpu_s(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every process of the machine has used so far, all cores together: what is
+    neither idle nor waiting for I/O (Linux /proc/stat; NaN elsewhere). Set against the CPU of
+    the processes a bench watches, it shows a neighbour that took CPU meanwhile."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return float("nan")
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:
@@ -101,7 +113,9 @@ class ServerProcess:
 
     def __init__(self, flags: Sequence[str], startup_timeout: float = 180.0, code: Baseline | None = None) -> None:
         self.command = [sys.executable, "-m", "embedserve", "--host", "127.0.0.1", "--port", "0", *flags]
-        env = None if code is None else code.environ()
+        # A metrics port of its own (by environment: a Baseline's code may not know the flag), so
+        # that servers side by side, or beside `make run`, never want the same one.
+        env = {**(os.environ if code is None else code.environ()), "METRICS_PORT": "0"}
         self.proc = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         self._port: int | None = None
@@ -156,10 +170,61 @@ class ServerProcess:
             raise RuntimeError(f"server exited {code} after SIGTERM:\n" + self.tail())
 
 
+class HealthProber:
+    """`python -m bench.probe ADDRESS PERIOD_MS`: grpc.health.v1 Check timed from a process of its
+    own, from the moment the constructor returns until stop(). As a context manager it stops the
+    prober on exit."""
+
+    def __init__(self, address: str, period_ms: float = 50.0, startup_timeout: float = 60.0) -> None:
+        command = [sys.executable, "-m", "bench.probe", address, f"{period_ms:g}"]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self._lines: list[str] = []
+        ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, args=(ready,), daemon=True)
+        self._reader.start()
+        if not ready.wait(startup_timeout) or self._lines[:1] != ["ready\n"]:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"the health prober did not start: {self._lines[:1]}")
+        self.latencies_ms: list[float] = []
+        self.statuses: dict[str, int] = {}
+
+    def _read(self, ready: threading.Event) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.append(line)
+            ready.set()
+        ready.set()  # exited: wake the waiter, which sees no "ready"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ends the probing; fills `latencies_ms` (each check's, in order) and `statuses` (checks
+        per status: SERVING, or the gRPC code a check ended with)."""
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)  # the last line, read after the exit
+        if code != 0 or len(self._lines) < 2:
+            raise RuntimeError(f"the health prober exited {self.proc.returncode}: {self._lines[-1:]}")
+        result = json.loads(self._lines[-1])
+        self.latencies_ms, self.statuses = result["ms"], result["statuses"]
+
+    def __enter__(self) -> HealthProber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class GatewayModule(Protocol):
     """What benches and tests use of envoy/gateway.py."""
 
-    def write_config(self, workdir: Path, listen: str, upstream: str) -> Path: ...
+    def write_config(
+        self, workdir: Path, listen: str, upstream: str, max_message_bytes: int | None = ..., metrics: str | None = ...
+    ) -> Path: ...
 
     def start(self, config: Path, listen: str, log_level: str = ...) -> subprocess.Popen[str]: ...
 
@@ -184,16 +249,18 @@ def load_gateway() -> GatewayModule:
 
 class Gateway:
     """Envoy on 127.0.0.1:<free port>, configured by envoy/gateway.py as `make run` does, in
-    front of `upstream` (host:port). As a context manager it stops Envoy on exit."""
+    front of `upstream` (host:port), with GET /metrics forwarded to `metrics` (the server's
+    metrics port, host:port; None: as write_config defaults). As a context manager it stops Envoy
+    on exit."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, metrics: str | None = None) -> None:
         gateway = load_gateway()
         self._workdir = tempfile.TemporaryDirectory(prefix="embedserve-envoy-")
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.base_url = f"http://{self.address}"
         try:
-            config = gateway.write_config(Path(self._workdir.name), self.address, upstream)
+            config = gateway.write_config(Path(self._workdir.name), self.address, upstream, metrics=metrics)
             self.process = gateway.start(config, self.address)
         except BaseException:
             self._workdir.cleanup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
@@ -12,6 +13,19 @@ from bench.ceiling_phases import CODES, NEW, OLD, TARGET, CeilingBench, Profile
 from bench.harness import LATENCY_INPUT, TARGET_RATIO, VECTOR_TOLERANCE, Ceiling, InProcessRun, percentile
 from bench.inprocess import DEFAULT_SPARSE_MODEL, WireForm
 from bench.load import Throughput
+from bench.overload_phases import (
+    ANSWERED,
+    GOODPUT_RATIO,
+    GRPC,
+    HEALTH_P99_MS,
+    PATHS,
+    REFUSAL_P99_MS,
+    REST,
+    SHED,
+    CodeRun,
+    OverloadBench,
+    Phase,
+)
 from bench.phases import EmbedBench, RerankSparseBench
 from bench.shared_phases import (
     BASELINE_RATIO,
@@ -574,3 +588,131 @@ def ceiling_verdict(bench: CeilingBench) -> list[str]:
     verdict = "ok" if worst < VECTOR_TOLERANCE else "MISMATCH"
     same = "bit-identical" if bench.diffs["new_vs_old"] == 0 else "NOT bit-identical"
     return [f"vectors: max |diff| {worst:.1e} ({verdict}: {each}); new and old are {same}"]
+
+
+# -- bench.overload ------------------------------------------------------------------------------
+
+# Cores the rest of the machine may use during a phase before the report warns.
+OTHER_CORES = 0.15
+# What the baseline's queue was, for the heading (it logs nothing of it).
+BASELINE_QUEUE = "QUEUE_SIZE 16,384 inputs, refused only after tokenizing"
+
+
+def overload_report(args: argparse.Namespace, bench: OverloadBench) -> list[str]:
+    """The report of bench.overload, line by line."""
+    runs = bench.runs
+    sizes = f"{max(1, args.request_size // 2)}-{args.request_size}"
+    heading = (
+        f"overload: {args.model}, requests of {sizes} texts of 8-16 words, {args.factor:g}x the capacity for "
+        f"{args.seconds:g} s a phase, {os.cpu_count()} cores, python {platform.python_version()}"
+    )
+    codes = [f"{name} = {run.commit}: {run.queue or BASELINE_QUEUE}" for name, run in runs.items()]
+    capacity = ", ".join(f"{name} {rate_text(run.capacity_per_s)}" for name, run in runs.items())
+    lines = ["", heading, *codes, f"(c) capacity, {args.clients} gRPC clients, closed loop: texts/s {capacity}"]
+    first = next(iter(runs.values()))
+    for index, phase in enumerate(first.overloads):
+        lines += ["", *overload_table(runs, index, f"({'ko'[index % 2]}) {phase.shape.label}")]
+    return [*lines, "", *overload_verdict(bench)]
+
+
+def fraction_text(ratio: float) -> str:
+    """A ratio below 1 as '1/N' (a refusal's wait against an answer's), else with two decimals."""
+    return f"1/{1 / ratio:,.0f}" if 0 < ratio < 1 else ratio_text(ratio)
+
+
+def counts_text(phase: Phase, path: str) -> str:
+    """'answered / refused / other' requests of one path."""
+    statuses = phase.statuses(path)
+    answered, shed = statuses[ANSWERED[path]], statuses[SHED[path]]
+    return f"{answered:,} / {shed:,} / {statuses.total() - answered - shed:,}"
+
+
+def hinted_text(phase: Phase, path: str) -> str:
+    """'k of n' refusals with a retry hint (and over REST an OpenAI JSON body)."""
+    good, shed = phase.hinted(path)
+    return f"{good:,} of {shed:,}" if shed else "none refused"
+
+
+def overload_table(runs: Mapping[str, CodeRun], index: int, title: str) -> list[str]:
+    """One overload phase: a row per figure, a column per code, and the issue's targets against
+    this checkout's figures."""
+    phases = {name: run.overloads[index] for name, run in runs.items()}
+    figures = {name: run.figures(phases[name]) for name, run in runs.items()}
+    new = figures["checkout"]
+
+    def row(label: str, cell: Callable[[str], str], target: str = "") -> Row:
+        return (label, *(cell(name) for name in runs), target)
+
+    def value(name: str, fmt: Callable[[float], str]) -> Callable[[str], str]:
+        return lambda code: fmt(figures[code][name])
+
+    def pair(name: str) -> Callable[[str], str]:
+        def cell(code: str) -> str:
+            p50, p99 = figures[code][f"{name}_p50_ms"], figures[code][f"{name}_p99_ms"]
+            return "none" if math.isnan(p50) else f"{ms_text(p50)} / {ms_text(p99)}"
+
+        return cell
+
+    def checks(code: str) -> str:
+        return f"{figures[code]['health_checks']:.0f} ({ms_text(figures[code]['health_p100_ms'])})"
+
+    def cores(code: str) -> str:
+        keys = ("bench_cores", "server_cores", "envoy_cores", "other_cores")
+        return " / ".join(f"{figures[code][k]:.2f}" for k in keys)
+
+    shed_p99 = max(new[f"{path}_shed_p99_ms"] for path in PATHS)
+    rows = [
+        row("offered texts/s (sent)", value("offered_texts_per_s", rate_text)),
+        row("    offered / capacity", value("offered_ratio", ratio_text)),
+        row("goodput texts/s (answered)", value("goodput_texts_per_s", rate_text)),
+        row("    goodput / capacity", value("goodput_ratio", ratio_text),
+            f">= {GOODPUT_RATIO:.2f} {verdict(new['goodput_ratio'] >= GOODPUT_RATIO, 'LOW')}"),
+        row("gRPC requests: OK / RESOURCE_EXHAUSTED / other", lambda c: counts_text(phases[c], GRPC)),
+        row("REST requests: 200 / 429 / other", lambda c: counts_text(phases[c], REST)),
+        row("gRPC answered, p50 / p99 ms", pair("grpc_answered")),
+        row("REST answered, p50 / p99 ms", pair("rest_answered")),
+        row("gRPC refused, p50 / p99 ms", pair("grpc_shed"),
+            f"p99 < {REFUSAL_P99_MS:g} {verdict(shed_p99 < REFUSAL_P99_MS, 'HIGH')} (both paths)"),
+        row("REST refused, p50 / p99 ms", pair("rest_shed")),
+        row("wait for a refusal / for an answer (p50)", value("shed_over_answered_p50", fraction_text)),
+        row("health Check, p50 / p99 ms", pair("health"),
+            f"p99 < {HEALTH_P99_MS:g} {verdict(new['health_p99_ms'] < HEALTH_P99_MS, 'HIGH')}"),
+        row("health checks (slowest ms)", checks),
+        row("RESOURCE_EXHAUSTED with retry-after", lambda c: hinted_text(phases[c], GRPC)),
+        row("429 with Retry-After and OpenAI JSON", lambda c: hinted_text(phases[c], REST)),
+        row("cores used: bench / server / Envoy / others", cores),
+    ]  # fmt: skip
+    period = " / ".join(f"{figures[code]['period_s']:.2f}" for code in runs)
+    return [*table(rows, (title, *runs, "target (checkout)")), f"  one request per {period} s per client"]
+
+
+def overload_verdict(bench: OverloadBench) -> list[str]:
+    """Statuses other than answered or refused, health that was not SERVING, and the vector check."""
+    lines = []
+    for name, run in bench.runs.items():
+        lines += [f"  {name} server logged: {line[:200]}" for line in run.problems]
+        for phase in run.overloads:
+            if other := phase.unexpected():
+                lines.append(f"  {name}, {phase.shape.label}: requests that ended otherwise: {dict(other)}")
+                for status in other:
+                    first = phase.first(status)
+                    waits = [o.seconds for o in phase.outcomes if f"{o.path} {o.status}" == status]
+                    lines.append(
+                        f"    the first {status}: {first.detail!r}, after {first.seconds:.1f} s "
+                        f"(all of them after {min(waits):.1f}-{max(waits):.1f} s)"
+                    )
+            if not_serving := {s: n for s, n in phase.health.items() if s != "SERVING"}:
+                lines.append(f"  {name}, {phase.shape.label}: health checks not SERVING: {not_serving}")
+    others = max(phase.other_cores for run in bench.runs.values() for phase in [run.capacity, *run.overloads])
+    if others > OTHER_CORES:
+        lines.append(
+            f"  WARNING: other processes used up to {others:.2f} cores during a phase: a neighbour took CPU, and "
+            "the two codes' figures compare no better than that: rerun on a quiet machine"
+        )
+    worst = max(bench.diffs.values())
+    each = ", ".join(f"{k} {v:.1e}" for k, v in bench.diffs.items())
+    lines.append(
+        f"vectors: max |diff| from the first answer to the same request {worst:.1e} "
+        f"({verdict(worst < VECTOR_TOLERANCE, 'MISMATCH')}: {each})"
+    )
+    return lines

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 from bench.harness import bench_main, chunks, make_corpus, step
 from bench.inprocess import DEFAULT_DENSE_MODEL, server_defaults
-from bench.options import add_shared_args, bench_parser, check_positive, server_flags
+from bench.options import add_baseline_arg, add_shared_args, bench_parser, check_positive, server_flags
 from bench.process import Baseline
 from bench.report import shared_report
 from bench.shared_phases import Plan, Reference, Round, SharedBench, checkout_commit, measure_round
@@ -66,12 +66,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"unanswered EmbedStream requests per job (default {2 * window}, twice the server's window)",
     )
     p.add_argument("--model", default=DEFAULT_DENSE_MODEL, help=f"model (default {DEFAULT_DENSE_MODEL})")
-    p.add_argument(
-        "--baseline",
-        default=DEFAULT_BASELINE,
-        metavar="REF",
-        help=f"commit whose server runs every phase too, from a git worktree (default {DEFAULT_BASELINE}); '' skips it",
-    )
+    add_baseline_arg(p, DEFAULT_BASELINE)
     args = p.parse_args(argv)
     if args.quick:
         args.texts, args.rounds = min(args.texts, 256), 1

@@ -56,11 +56,12 @@ def bearer(key: str | None) -> Metadata:
 class Reference:
     """The first vectors answered for each input (the query, or a corpus request by index), and
     how far every later answer for it strayed: a scheduler that hands one request's rows to
-    another shows here, whatever the code or the condition."""
+    another shows here, whatever the code or the condition. `kinds` name the sorts of answers
+    kept apart (bench.shared's: the queries and the bulk jobs')."""
 
-    def __init__(self) -> None:
+    def __init__(self, *kinds: str) -> None:
         self._first: dict[tuple[str, object], FloatArray] = {}
-        self.worst: dict[str, float] = {"queries": 0.0, "bulk": 0.0}
+        self.worst: dict[str, float] = dict.fromkeys(kinds or ("queries", "bulk"), 0.0)
 
     def check(self, kind: str, key: object, vectors: FloatArray) -> None:
         """Compares `vectors` with the first ones answered for (kind, key)."""

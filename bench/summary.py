@@ -12,6 +12,7 @@ from bench.ceiling_phases import CODES, NEW, OLD, TARGET, CeilingBench
 from bench.harness import TARGET_RATIO, Ceiling, InProcessRun, percentile
 from bench.inprocess import DEFAULT_SPARSE_MODEL
 from bench.load import Throughput
+from bench.overload_phases import GOODPUT_RATIO, HEALTH_P99_MS, PATHS, REFUSAL_P99_MS, CodeRun, OverloadBench
 from bench.phases import EmbedBench, RerankSparseBench
 from bench.shared_phases import (
     BASELINE_RATIO,
@@ -259,3 +260,49 @@ def ceiling_phase_json(bench: CeilingBench, phase: str) -> dict[str, Any]:
             "samples": [{"round": s.round, **asdict(s.throughput)} for s in bench.of(phase, code)],
         }
     return {**codes, "ratio": asdict(bench.ratio(phase)), "label": f"{NEW}/{OLD}"}
+
+
+# -- bench.overload ------------------------------------------------------------------------------
+
+
+def overload_summary(args: argparse.Namespace, bench: OverloadBench) -> dict[str, Any]:
+    """bench.overload's summary: the run's shape, the targets, then each code's figures."""
+    return {
+        "bench": "overload_bench",
+        "model": args.model,
+        "texts": args.texts,
+        "seed": args.seed,
+        "request_size": args.request_size,
+        "clients": args.clients,
+        "grpc_clients": args.grpc_clients,
+        "rest_clients": args.rest_clients,
+        "connections": args.connections,
+        "factor": args.factor,
+        "seconds": args.seconds,
+        "capacity_seconds": args.capacity_seconds,
+        "cores": os.cpu_count(),
+        "targets": {"goodput_ratio": GOODPUT_RATIO, "refusal_p99_ms": REFUSAL_P99_MS, "health_p99_ms": HEALTH_P99_MS},
+        **{name: overload_code_json(run) for name, run in bench.runs.items()},
+        "max_abs_diff": bench.diffs,
+    }
+
+
+def overload_code_json(run: CodeRun) -> dict[str, Any]:
+    """One code's capacity, then each overload phase's figures, requests per status and path,
+    refusals with a retry hint, and health checks per status."""
+    return {
+        "commit": run.commit,
+        "queue": run.queue,
+        "problems": run.problems,
+        "capacity_texts_per_s": run.capacity_per_s,
+        "overloads": [
+            {
+                "shape": asdict(o.shape),
+                "figures": run.figures(o),
+                "statuses": {path: dict(o.statuses(path)) for path in PATHS},
+                "hinted": {path: dict(zip(("hinted", "refused"), o.hinted(path), strict=True)) for path in PATHS},
+                "health_statuses": o.health,
+            }
+            for o in run.overloads
+        ],
+    }

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.process import Gateway
 from embedserve.app import serve
 from embedserve.engine.engine import Engine
 from embedserve.settings import DEFAULT_DENSE_MODEL, ModelSettings, Settings
@@ -31,19 +32,25 @@ class RunningServer:
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
         ready: Future[int] = Future()
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        metrics: Future[int | None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(ready, metrics), daemon=True)
         self._thread.start()
         self.port = ready.result(timeout=120)
         self.address = f"127.0.0.1:{self.port}"
+        self.metrics_port = metrics.result(timeout=10)  # None: METRICS_PORT off
+        self.metrics_address = "" if self.metrics_port is None else f"127.0.0.1:{self.metrics_port}"
 
-    def _run(self, ready: Future[int]) -> None:
+    def _run(self, ready: Future[int], metrics: Future[int | None]) -> None:
         asyncio.set_event_loop(self._loop)
 
         async def main() -> None:
             self._stop = asyncio.Event()
-            started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            started: asyncio.Future[int] = loop.create_future()
             started.add_done_callback(lambda f: ready.set_result(f.result()))
-            await serve(self.settings, self.engine, stop=self._stop, ready=started)
+            metrics_started: asyncio.Future[int | None] = loop.create_future()
+            metrics_started.add_done_callback(lambda f: metrics.set_result(f.result()))
+            await serve(self.settings, self.engine, stop=self._stop, ready=started, metrics_ready=metrics_started)
 
         try:
             self._loop.run_until_complete(main())
@@ -70,8 +77,14 @@ class RunningServer:
 
 
 def make_settings(**overrides: object) -> Settings:
-    """Test settings: loopback, ephemeral port, the shared export cache."""
-    values: dict[str, object] = {"host": "127.0.0.1", "port": 0, "cache_dir": CACHE_DIR, "grace_period": 5.0}
+    """Test settings: loopback, ephemeral ports (gRPC and metrics), the shared export cache."""
+    values: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "cache_dir": CACHE_DIR,
+        "grace_period": 5.0,
+    }
     values.update(overrides)
     return dataclasses.replace(Settings(), **values)  # type: ignore[arg-type]
 
@@ -80,6 +93,14 @@ def make_settings(**overrides: object) -> Settings:
 def server() -> Iterator[RunningServer]:
     """The default server: all-MiniLM-L6-v2 on ONNX Runtime."""
     running = RunningServer(make_settings())
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(server: RunningServer) -> Iterator[Gateway]:
+    """Envoy in front of the default server (dense, sparse and rerank models), as `make run` starts it."""
+    running = Gateway(server.address, metrics=server.metrics_address)
     yield running
     running.stop()
 

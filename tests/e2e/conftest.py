@@ -31,14 +31,6 @@ def grpc_vectors(server: RunningServer, texts: list[str], **fields: object) -> n
 
 
 @pytest.fixture(scope="session")
-def gateway(server: RunningServer) -> Iterator[Gateway]:
-    """Envoy in front of the default server (dense, sparse and rerank models)."""
-    running = Gateway(server.address)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="session")
 def strict_server() -> Iterator[RunningServer]:
     """A server that wants one of KEYS and whose queue holds only 64 inputs."""
     running = RunningServer(
