@@ -10,6 +10,7 @@
 #       --build-arg ONNXRUNTIME=onnxruntime --build-arg EXPORT_DTYPES=fp32 -t embedserve:cpu .
 ARG RUNTIME_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG ENVOY_IMAGE=envoyproxy/envoy:v1.40-latest
+ARG NODE_IMAGE=node:22-bookworm-slim
 
 # Python 3.12 (Ubuntu 24.04's) in a venv at /opt/venv; the runtime stage has the same
 # /usr/bin/python3.12 the venv points at.
@@ -27,6 +28,12 @@ COPY requirements.lock ./
 # pins the CPU build (+cpu) of the machine it was made on; the builder picks the variant.
 RUN grep -v '^torch==' requirements.lock > /tmp/constraints.txt
 
+# Swagger UI (swagger-ui-dist, pinned in package.json's dependencies), which Envoy serves at /docs.
+FROM ${NODE_IMAGE} AS swagger-ui
+WORKDIR /src
+COPY package.json ./
+RUN npm install --omit=dev --no-audit --no-fund --no-package-lock --loglevel=error
+
 # Generated code from proto/ (tools/gen_proto.py, as `make proto`) and Envoy's config
 # (envoy/gateway.py's write_config, as `make run`), with the code generators only here.
 FROM python-base AS proto
@@ -36,16 +43,19 @@ COPY tools ./tools
 COPY envoy ./envoy
 # The gateway reads the server's own settings (embedserve.settings) for its body limit.
 COPY server ./server
+COPY --from=swagger-ui /src/node_modules/swagger-ui-dist ./node_modules/swagger-ui-dist
 RUN python tools/gen_proto.py server
 # The address Envoy listens on and the server it forwards to (a compose service name).
 ARG GATEWAY_LISTEN=0.0.0.0:8080
 ARG GATEWAY_UPSTREAM=embedserve:50051
 # Set it as the server's MAX_MESSAGE_BYTES is set; empty: the server's default.
 ARG MAX_MESSAGE_BYTES=""
+# Set it as the server's METRICS_PORT is set (Envoy forwards GET /metrics there); empty: 9000.
+ARG METRICS_PORT=""
 ENV PYTHONPATH=/src/server
-# Renders /etc/envoy/{envoy.yaml,embedserve.pb,openai_errors.lua}, which reference each other
-# by those paths, as `make run` does in a temporary folder. Rendering needs no Envoy binary
-# (the envoy image brings its own).
+# Renders /etc/envoy/{envoy.yaml,embedserve.pb,openai_errors.lua} and the files Envoy serves at
+# /openapi.json and /docs, which reference each other by those paths, as `make run` does in a
+# temporary folder. Rendering needs no Envoy binary (the envoy image brings its own).
 RUN python -c "\
 import importlib.util, os, pathlib; \
 spec = importlib.util.spec_from_file_location('gateway', 'envoy/gateway.py'); \
@@ -112,7 +122,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 # Numeric, so that a runtime checking runAsNonRoot can tell without reading /etc/passwd.
 USER 10001:10001
 WORKDIR /home/embedserve
-EXPOSE 50051
+# gRPC, and the Prometheus metrics (METRICS_PORT).
+EXPOSE 50051 9000
 # grpc.health.v1 overall status: SERVING once the models are loaded, NOT_SERVING while draining.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["python", "-c", "\
 import os, grpc; \

@@ -8,7 +8,7 @@ GENERATED := server/embedserve/v1/embedding_service_pb2.py
 PROTOS := $(wildcard proto/embedserve/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: install proto lint test run bench clean lock
+.PHONY: install proto openapi lint test run bench clean lock
 
 CLIENT_GENERATED := clients/python/embedserve_client/_pb/embedserve/v1/embedding_service_pb2.py
 
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml requirements.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	# Infinity's own client (tests/e2e/test_compat_routes.py) asks for httpx<0.28, which litellm's
+	# httpx>=0.28 rules out; it runs on 0.28, so it comes without its dependencies.
+	$(BIN)/python -m pip install -q --no-deps -c requirements.lock infinity-client
 	touch $@
 
 # Generated code is built from proto/ by this one command, never edited or committed.
@@ -39,11 +42,18 @@ $(GOOGLEAPIS): tools/gen_proto.py $(STAMP)
 $(CLIENT_GENERATED): $(PROTOS) tools/gen_proto.py clients/python/setup.py clients/python/pyproject.toml $(STAMP)
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e clients/python
 
+# buf (lint, format) and swagger-ui-dist (Swagger UI, which Envoy serves at /docs).
 node_modules/.stamp: package.json
 	# buf is pinned exactly in package.json (its platform binaries by buf itself); npm 11 writes
 	# lock files without the other platforms' optional packages, which then breaks `npm ci`.
 	npm install --no-audit --no-fund --no-package-lock --loglevel=error
 	touch $@
+
+# The REST API's OpenAPI document, for tools that want the file: the one Envoy serves at
+# /openapi.json, which envoy/gateway.py generates the same way at each start.
+openapi: install
+	$(BIN)/python tools/gen_proto.py --descriptor build/embedserve.pb
+	$(BIN)/python tools/gen_openapi.py build/embedserve.pb build/openapi.json
 
 lint: install
 	npx --no-install buf lint
@@ -72,6 +82,7 @@ lock:
 	rm -rf /tmp/embedserve-lock && $(PYTHON) -m venv /tmp/embedserve-lock
 	/tmp/embedserve-lock/bin/python -m pip install -q --upgrade pip
 	/tmp/embedserve-lock/bin/python -m pip install -q -e '.[dev]'
+	/tmp/embedserve-lock/bin/python -m pip install -q --no-deps infinity-client
 	/tmp/embedserve-lock/bin/python -m pip freeze --exclude-editable > requirements.lock
 
 clean:

@@ -31,8 +31,10 @@ limit is always the server's MAX_MESSAGE_BYTES.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -51,6 +53,7 @@ from typing import IO
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tools"))  # tools/ is not a package
+import gen_openapi  # noqa: E402
 import gen_proto  # noqa: E402
 
 from embedserve.errors import ConfigError  # noqa: E402
@@ -58,6 +61,17 @@ from embedserve.settings import Settings, load_settings  # noqa: E402
 
 TEMPLATE = HERE / "envoy.yaml"
 LUA = HERE / "openai_errors.lua"
+# Swagger UI's files, which `make install` installs (package.json), for the /docs page.
+SWAGGER_UI = ROOT / "node_modules" / "swagger-ui-dist"
+# What Envoy answers itself, to GET and HEAD, from files in its config folder: the REST API's
+# OpenAPI document (generated from the descriptor set) and the /docs page, Swagger UI on it.
+# Path -> (file, where it comes from (None: generated), content type).
+DOCS_ROUTES = {
+    "/openapi.json": ("openapi.json", None, "application/json"),
+    "/docs": ("docs.html", HERE / "docs.html", "text/html; charset=utf-8"),
+    "/docs/swagger-ui.css": ("swagger-ui.css", SWAGGER_UI / "swagger-ui.css", "text/css; charset=utf-8"),
+    "/docs/swagger-ui-bundle.js": ("swagger-ui-bundle.js", SWAGGER_UI / "swagger-ui-bundle.js", "text/javascript"),
+}
 # Logged once every cluster has had its first health check, just before Envoy listens on its
 # sockets and starts its workers ("starting main dispatch loop" comes earlier than both).
 READY_LINE = "all dependencies initialized. starting workers"
@@ -82,29 +96,142 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def write_config(workdir: Path, listen: str, upstream: str, max_message_bytes: int | None = None) -> Path:
+def write_config(
+    workdir: Path,
+    listen: str,
+    upstream: str,
+    max_message_bytes: int | None = None,
+    metrics: str | None = None,
+    admin_port: int | None = None,
+) -> Path:
     """Writes a self-contained config folder for these addresses (the upstream host may be a
     name, such as a compose service): envoy.yaml, the descriptor set built from proto/ and the
     Lua filter, referenced by their paths inside `workdir`. Request bodies are limited to the
-    server's `max_message_bytes` (default: its setting from the environment)."""
-    if max_message_bytes is None:
-        max_message_bytes = load_settings([]).max_message_bytes
+    server's `max_message_bytes` (default: its setting from the environment). GET /metrics is
+    forwarded to `metrics`, the server's metrics port as host:port (default: `metrics_upstream`
+    of the settings from the environment; "": none, and /metrics answers 503), and GET
+    /metrics/envoy to Envoy's admin API on 127.0.0.1:`admin_port` (default: a free port)."""
+    if max_message_bytes is None or metrics is None:
+        settings = load_settings([])
+        max_message_bytes = settings.max_message_bytes if max_message_bytes is None else max_message_bytes
+        metrics = metrics_upstream(upstream, settings.metrics_port) if metrics is None else metrics
     descriptor = gen_proto.descriptor_set(workdir / "embedserve.pb")
     listen_host, listen_port = _split(listen)
     upstream_host, upstream_port = _split(upstream)
-    config = string.Template(TEMPLATE.read_text()).substitute(
+    template = TEMPLATE.read_text()
+    config = string.Template(template).substitute(
+        **write_docs(workdir, descriptor, template),
         listen_host=listen_host,
         listen_port=listen_port,
         upstream_host=upstream_host,
         upstream_port=upstream_port,
         descriptor=descriptor,
-        openai_errors_lua=shutil.copy(LUA, workdir),
+        openai_errors_lua=write_lua(workdir, descriptor),
         max_request_bytes=max_message_bytes,
         max_response_bytes=max_message_bytes * RESPONSE_TO_REQUEST_BYTES,
+        metrics_endpoints=json.dumps(_endpoints(metrics)),
+        admin_port=admin_port or _free_loopback_port(),
     )
     path = workdir / "envoy.yaml"
     path.write_text(config)
     return path
+
+
+def metrics_upstream(upstream: str, metrics_port: int | None) -> str:
+    """Where the server at `upstream` serves its metrics: the same host (the server binds both
+    on EMBEDSERVE_HOST) at its METRICS_PORT; "" when Envoy cannot know (off, or 0: a free port)."""
+    if not metrics_port:
+        return ""
+    host, _ = _split(upstream)
+    return f"[{host}]:{metrics_port}" if ":" in host else f"{host}:{metrics_port}"
+
+
+def _endpoints(address: str) -> list[dict[str, object]]:
+    """A cluster's endpoint list for host:port; "" gives none."""
+    if not address:
+        return []
+    host, port = _split(address)
+    return [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_lua(workdir: Path, descriptor: Path) -> Path:
+    """Writes the Lua filter into `workdir`, after a table of the REST routes of `descriptor`
+    (ROUTES: a Lua pattern of each path template, the HTTP methods it answers), so that the
+    filter can answer a known path with the wrong method 405, naming the ones it takes."""
+    descriptor_set = gen_openapi.load(descriptor)
+    methods: dict[str, list[str]] = {}
+    for route in gen_openapi.Descriptors.read(descriptor_set).routes:
+        allowed = methods.setdefault(lua_pattern(route.template), [])
+        if route.http_method.upper() not in allowed:
+            allowed.append(route.http_method.upper())
+    rows = "".join(f"  [{json.dumps(pattern)}] = {json.dumps(', '.join(m))},\n" for pattern, m in methods.items())
+    path = workdir / LUA.name
+    path.write_text(f"-- Written by envoy/gateway.py from the HTTP rules in proto/.\nlocal ROUTES = {{\n{rows}}}\n\n"
+                    + LUA.read_text())  # fmt: skip
+    return path
+
+
+def lua_pattern(template: str) -> str:
+    """The Lua pattern of the paths an HTTP rule's template matches: `{name}` or `{name=*}` is
+    one segment, `{name=**}` any number of them."""
+    parts, last = [], 0
+    for variable in re.finditer(r"\{[^}=]+(?:=([^}]*))?\}", template):
+        parts.append(re.sub(r"([^\w/])", r"%\1", template[last : variable.start()]))
+        parts.append(".*" if variable.group(1) == "**" else "[^/]+")
+        last = variable.end()
+    parts.append(re.sub(r"([^\w/])", r"%\1", template[last:]))
+    return "^" + "".join(parts) + "$"
+
+
+def write_docs(workdir: Path, descriptor: Path, template: str) -> dict[str, str]:
+    """Writes the OpenAPI document of `descriptor` into `workdir` and copies the docs page and
+    Swagger UI's files beside it; returns the routes that serve them (DOCS_ROUTES, indented as
+    the template's ${docs_routes}) and the largest body they send, for Envoy's limit on those."""
+    missing = [str(source) for _, source, _ in DOCS_ROUTES.values() if source is not None and not source.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} not found: run `make install` (it installs Swagger UI, "
+                                "which /docs serves, from package.json)")  # fmt: skip
+    gen_openapi.write(descriptor, workdir / DOCS_ROUTES["/openapi.json"][0])
+    routes = []
+    for path, (name, source, content_type) in DOCS_ROUTES.items():
+        if source is not None:
+            shutil.copyfile(source, workdir / name)
+        routes.append(_direct_response(path, workdir / name, content_type))
+    placeholder = re.search(r"^( *)\$\{docs_routes\}$", template, re.MULTILINE)
+    assert placeholder is not None, "envoy.yaml has no ${docs_routes} line"
+    return {
+        "docs_routes": f"\n{placeholder.group(1)}".join(f"- {json.dumps(route)}" for route in routes),
+        "max_direct_response_bytes": str(max((workdir / name).stat().st_size for name, _, _ in DOCS_ROUTES.values())),
+    }
+
+
+def _direct_response(path: str, body: Path, content_type: str) -> dict[str, object]:
+    """A route on which Envoy answers GET and HEAD of `path` with the file `body` (a line of
+    JSON, which is YAML, for envoy.yaml's route list)."""
+    return {
+        "match": {
+            "path": path,
+            "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}],
+        },
+        "direct_response": {"status": 200, "body": {"filename": str(body)}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": content_type}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ],
+        # Not a gRPC method: the transcoder would answer 404 (reject_unknown_method).
+        "typed_per_filter_config": {
+            "envoy.filters.http.grpc_json_transcoder": {
+                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                "disabled": True,
+            }
+        },
+    }
 
 
 def start(config: Path, listen: str, log_level: str = "warn") -> subprocess.Popen[str]:
@@ -342,7 +469,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(args[: args.index("--")] if "--" in args else args)
 
     with tempfile.TemporaryDirectory(prefix="embedserve-envoy-") as workdir:
-        config = write_config(Path(workdir), options.listen, options.upstream, server_settings.max_message_bytes)
+        metrics = metrics_upstream(options.upstream, server_settings.metrics_port)
+        if not metrics:
+            port = "off" if server_settings.metrics_port is None else server_settings.metrics_port
+            print(f"gateway: the server's METRICS_PORT is {port}, so /metrics answers 503: set METRICS_PORT to a "
+                  "port for Envoy to serve the server's metrics", file=sys.stderr)  # fmt: skip
+        config = write_config(
+            Path(workdir), options.listen, options.upstream, server_settings.max_message_bytes, metrics
+        )
         children = [_envoy(config, options.listen, options.upstream, options.log_level)]
         if options.with_server:
             # First, so that it loads its models while Envoy starts, and is drained first on stop

@@ -125,6 +125,38 @@ local function unsupported(content_type, path)
     .. GRPC_EXAMPLE .. ", not " .. path:sub(1, 200) .. ": send REST requests as application/json"
 end
 
+-- A REST body is JSON: application/json or a +json type, parameters (charset) aside. No content
+-- type at all is read as JSON too, as curl and some clients send none.
+local function json_content_type(content_type)
+  local media = content_type:gsub(";.*", ""):gsub("%s+", "")
+  return media == "" or media == "application/json" or media:find("^application/[%w.-]+%+json$") ~= nil
+end
+
+-- Why a REST request to a known route is refused before it is transcoded, if it is: its status
+-- (405, a method the route does not take; 415, a body that is not JSON), message and, for a 405,
+-- the Allow header. ROUTES (the path patterns of proto/'s HTTP rules and their methods) is written
+-- above this file by envoy/gateway.py. An unknown path is left to the transcoder's 404.
+local function refusal(method, path, content_type)
+  local bare = path:gsub("[?#].*", "")
+  local allowed = nil
+  for pattern, methods in pairs(ROUTES) do
+    if bare:find(pattern) then
+      allowed = allowed and (allowed .. ", " .. methods) or methods
+    end
+  end
+  if allowed == nil then
+    return nil
+  end
+  if not (", " .. allowed .. ","):find(", " .. method .. ",", 1, true) then
+    return "405", method:sub(1, 20) .. " is not allowed on " .. bare:sub(1, 200) .. ": it takes " .. allowed, allowed
+  end
+  if method ~= "GET" and not json_content_type(content_type) then
+    return "415", "content-type " .. content_type:sub(1, 100) .. " is not supported: send the body as JSON, "
+      .. "with content-type application/json"
+  end
+  return nil
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local content_type = (headers:get("content-type") or ""):lower()
@@ -132,12 +164,21 @@ function envoy_on_request(handle)
   local metadata = handle:streamInfo():dynamicMetadata()
   local native = native_grpc(content_type, path)
   metadata:set("embedserve", "rest", not native)
+  -- A reply to HEAD has no body (RFC 9110 9.3.2): one written anyway is read by an HTTP/1.1
+  -- client as the start of the next response on the connection.
+  metadata:set("embedserve", "head", headers:get(":method") == "HEAD")
   if not native and content_type:find("^application/grpc") then
     -- The transcoder would pass it on as gRPC (a JSON body got an empty 200). Envoy sends this
     -- local reply as gRPC too (a 200 with grpc-status, no body), as it does every reply to a
     -- gRPC content type, so envoy_on_response writes the 415 from the message left here.
     metadata:set("embedserve", "unsupported", unsupported(content_type, path))
     handle:respond({[":status"] = "415"}, "")
+  elseif not native then
+    -- A plain local reply: envoy_on_response writes its message into OpenAI's error body.
+    local status, message, allow = refusal(headers:get(":method") or "", path, content_type)
+    if status ~= nil then
+      handle:respond({[":status"] = status, ["allow"] = allow}, message)
+    end
   end
 end
 
@@ -181,5 +222,7 @@ function envoy_on_response(handle)
   local headers = handle:headers()
   strip_grpc_headers(headers)
   headers:replace("content-type", "application/json")
-  handle:body(true):setBytes(error_body(message, status))
+  if not metadata["head"] then
+    handle:body(true):setBytes(error_body(message, status))
+  end
 end

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 
 
-GOOGLE_API_PROTOS = ("annotations.proto", "http.proto")
+GOOGLE_API_PROTOS = ("annotations.proto", "http.proto", "httpbody.proto")
 
 
 def googleapis_root() -> Path:

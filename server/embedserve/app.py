@@ -16,9 +16,13 @@ from embedserve.decoding import DecodeGuard
 from embedserve.engine.engine import Engine
 from embedserve.idempotency import IdempotencyInterceptor, IdempotencyStore
 from embedserve.limits import WorkLimiter
+from embedserve.metrics import MetricsEndpoint, ServerMetrics
+from embedserve.services.compat import CompatService
 from embedserve.services.embedding import EmbeddingService
 from embedserve.services.openai import OpenAIService
 from embedserve.settings import Settings
+from embedserve.v1 import compat_service_pb2 as compat
+from embedserve.v1 import compat_service_pb2_grpc as compat_grpc
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 from embedserve.v1 import openai_service_pb2 as rest
@@ -28,16 +32,23 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 REST_SERVICE_NAME: str = rest.DESCRIPTOR.services_by_name["OpenAIService"].full_name
+COMPAT_SERVICE_NAME: str = compat.DESCRIPTOR.services_by_name["CompatService"].full_name
 
 
-def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+def build_server(
+    settings: Settings, engine: Engine, metrics: ServerMetrics | None = None
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Creates the server with the embedding services (native and the REST one Envoy transcodes
     onto), health and reflection; binds the port.
 
     With API keys configured, both embedding services need one; health and reflection stay open.
+    With `metrics`, every call of the embedding services is counted.
     """
-    services = (SERVICE_NAME, REST_SERVICE_NAME)
+    services = (SERVICE_NAME, REST_SERVICE_NAME, COMPAT_SERVICE_NAME)
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    if metrics is not None:
+        # Outermost: the calls that the interceptors below refuse are counted too.
+        interceptors.append(metrics.interceptor(services))
     if settings.api_keys:
         interceptors.append(ApiKeyInterceptor(settings.api_keys, services))
     if settings.idempotency_ttl > 0:
@@ -49,7 +60,10 @@ def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, i
         interceptors.append(IdempotencyInterceptor(services, store))
     # Not gRPC's maximum_concurrent_rpcs: it counts health checks and idle streams alike, so
     # enough idle streams made health RESOURCE_EXHAUSTED and an orchestrator restart a healthy server.
-    interceptors.append(WorkLimiter(services, settings.max_concurrency, settings.max_streams))
+    limiter = WorkLimiter(services, settings.max_concurrency, settings.max_streams)
+    if metrics is not None:
+        metrics.watch(limiter)
+    interceptors.append(limiter)
     interceptors.append(DecodeGuard(services))  # innermost: it decodes what the handler gets
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -66,6 +80,7 @@ def build_server(settings: Settings, engine: Engine) -> tuple[grpc.aio.Server, i
     )
     pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingService(engine), server)
     rest_grpc.add_OpenAIServiceServicer_to_server(OpenAIService(engine), server)
+    compat_grpc.add_CompatServiceServicer_to_server(CompatService(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -100,15 +115,20 @@ def _loopback(host: str) -> bool:
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
     """Sets the overall and per-service health status."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME, REST_SERVICE_NAME):
+    for name in ("", SERVICE_NAME, REST_SERVICE_NAME, COMPAT_SERVICE_NAME):
         await health_servicer.set(name, status)
 
 
 async def serve(
-    settings: Settings, engine: Engine, stop: asyncio.Event | None = None, ready: asyncio.Future[int] | None = None
+    settings: Settings,
+    engine: Engine,
+    stop: asyncio.Event | None = None,
+    ready: asyncio.Future[int] | None = None,
+    metrics_ready: asyncio.Future[int | None] | None = None,
 ) -> None:
     """Runs until SIGTERM/SIGINT (or `stop`): health goes NOT_SERVING, new RPCs are refused,
-    in-flight ones get the grace period to finish, then the engine shuts down."""
+    in-flight ones get the grace period to finish, then the engine shuts down. The metrics port
+    (`metrics_ready` gets it once bound; None: METRICS_PORT is off) serves until the end."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     health_ref: list[health.aio.HealthServicer] = []
@@ -123,7 +143,11 @@ async def serve(
 
     engine.set_failure_callback(on_engine_failure)
     engine.start()
-    server, port, health_servicer = build_server(settings, engine)
+    metrics = None if settings.metrics_port is None else ServerMetrics(engine)
+    server, port, health_servicer = build_server(settings, engine, metrics)
+    endpoint: MetricsEndpoint | None = None
+    if metrics is not None and settings.metrics_port is not None:
+        endpoint = metrics.serve(settings.host, settings.metrics_port)
     health_ref.append(health_servicer)
     await server.start()
     await set_serving(health_servicer, True)
@@ -139,14 +163,22 @@ async def serve(
         port,
         f"API key required, {len(settings.api_keys)} configured" if settings.api_keys else "no API key required",
     )
+    if endpoint is None:
+        log.info("metrics off (METRICS_PORT=off)")
+    else:
+        log.info("serving Prometheus metrics on http://%s:%d/metrics", settings.host, endpoint.port)
     warning = exposure_warning(settings.host, bool(settings.api_keys))
     if warning:
         log.warning("%s", warning)
     if ready is not None:
         ready.set_result(port)
+    if metrics_ready is not None:
+        metrics_ready.set_result(None if endpoint is None else endpoint.port)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining in-flight RPCs for up to %.0f s", settings.grace_period)
     await set_serving(health_servicer, False)
     await server.stop(settings.grace_period)
+    if endpoint is not None:
+        await asyncio.to_thread(endpoint.close)
     await engine.close()
     log.info("stopped")

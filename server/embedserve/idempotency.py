@@ -38,6 +38,7 @@ import grpc
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 
+from embedserve import headers
 from embedserve.errors import EmbedServeError, InvalidInputError, quoted, status_for
 from embedserve.intercept import ServiceInterceptor
 from embedserve.services.rpc import tenant_of
@@ -297,6 +298,7 @@ class _Once:
         return await self._run(request, context)
 
     async def _run(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        pending = headers.collect()  # the handler's headers (timing), sent here with ours
         try:
             data = self._serialize(await self._behavior(request, context))
         except BaseException:  # an abort, a cancellation or a bug: store only what a retry gets again
@@ -309,7 +311,9 @@ class _Once:
                 self._store.release(self._scope)
             raise
         if not self._store.finish(self._scope, Outcome(data)):
-            await context.send_initial_metadata(((STORED_HEADER, "false"),))
+            pending.append((STORED_HEADER, "false"))
+        if pending:
+            await context.send_initial_metadata(tuple(pending))
         return data
 
 

@@ -4,7 +4,7 @@ counted, so no number of open streams or calls can make health lie or lock grpcu
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
@@ -18,14 +18,16 @@ Resp = TypeVar("Resp")
 
 class WorkLimiter(ServiceInterceptor):
     """Refuses, with RESOURCE_EXHAUSTED at once, a unary call or a stream of the limited services
-    beyond its limit; `unary` and `streams` say how many run now."""
+    beyond its limit; `unary` and `streams` say how many run now, and `on_refused` (the server's
+    metrics) hears of each refusal with the limit's name: `max_concurrency` or `max_streams`."""
 
     def __init__(self, services: Iterable[str], max_unary: int, max_streams: int) -> None:
         super().__init__(services)
-        self._max_unary = max_unary
-        self._max_streams = max_streams
+        self.max_unary = max_unary
+        self.max_streams = max_streams
         self.unary = 0
         self.streams = 0
+        self.on_refused: Callable[[str], None] | None = None
 
     def wrap(
         self, handler: grpc.RpcMethodHandler[Req, Resp], details: grpc.HandlerCallDetails
@@ -40,7 +42,8 @@ class WorkLimiter(ServiceInterceptor):
         behavior: Any = handler.unary_unary
 
         async def unary(request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
-            if self.unary >= self._max_unary:
+            if self.unary >= self.max_unary:
+                self._refused("max_concurrency")
                 await _refuse(
                     context,
                     f"the server is answering {self.unary} unary requests, its MAX_CONCURRENCY: retry later "
@@ -59,7 +62,8 @@ class WorkLimiter(ServiceInterceptor):
         behavior: Any = handler.stream_stream
 
         async def stream(requests: AsyncIterator[Req], context: grpc.aio.ServicerContext[Req, Resp]) -> None:
-            if self.streams >= self._max_streams:
+            if self.streams >= self.max_streams:
+                self._refused("max_streams")
                 await _refuse(
                     context,
                     f"the server has {self.streams} streams open, its MAX_STREAMS: close idle streams, or retry "
@@ -73,6 +77,10 @@ class WorkLimiter(ServiceInterceptor):
                 self.streams -= 1
 
         return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+
+    def _refused(self, limit: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(limit)
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], message: str) -> None:

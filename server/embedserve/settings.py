@@ -55,6 +55,16 @@ def _whole_number(value: str, what: str) -> int:
         raise ConfigError(f"{what} must be a whole number, got {value!r}") from None
 
 
+def port_or_off(value: str, what: str) -> int | None:
+    """A TCP port (0 picks a free one), or `off` (None)."""
+    if value.strip().lower() == "off":
+        return None
+    number = _whole_number(value, what)
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{what} must be a port from 0 to 65535, or off, got {number}")
+    return number
+
+
 def positive_int(value: str, what: str) -> int:
     """A whole number of at least 1."""
     number = _whole_number(value, what)
@@ -257,6 +267,14 @@ class Settings:
         "loopback with no `API_KEYS`, startup logs a warning",
     )
     port: int = setting(50051, "EMBEDSERVE_PORT", non_negative_int, "gRPC port; 0 picks a free one")
+    # Not 9090, the port of Prometheus itself (and of Cockpit on many Linux hosts); TEI's 9000.
+    metrics_port: int | None = setting(
+        9000,
+        "METRICS_PORT",
+        port_or_off,
+        "HTTP port of the Prometheus metrics (`GET /metrics`, on `EMBEDSERVE_HOST`; Envoy serves them at "
+        "`/metrics` too); 0 picks a free one; `off`: none",
+    )
     queue_size: int = setting(
         16384,
         "QUEUE_SIZE",
@@ -374,6 +392,13 @@ class Settings:
         "bytes of stored answers for idempotency keys, least recently used dropped first; an answer over 1/8 "
         "of it is not stored (`idempotency-stored: false`)",
         shown="268435456 (256 MiB)",
+    )
+    slow_request_seconds: float = setting(
+        1.0,
+        "SLOW_REQUEST_SECONDS",
+        seconds,
+        "a unary request answered after this long is logged as slow, with its request id and where its "
+        "time went; 0: never",
     )
     log_level: str = setting("INFO", "LOG_LEVEL", log_level, "DEBUG, INFO, WARNING, ERROR")
     # Kept out of repr so that logging the settings never prints them.

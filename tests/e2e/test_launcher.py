@@ -34,12 +34,12 @@ HEALTH_RECOVERY_S = 20.0
 
 
 def test_with_server_serves_rest_and_stops_both_on_sigterm() -> None:
-    grpc_port, rest_port = free_port(), free_port()
+    grpc_port, rest_port, metrics_port = free_port(), free_port(), free_port()
     command = [
         sys.executable, str(ROOT / "envoy" / "gateway.py"), "--with-server",
         "--listen", f"127.0.0.1:{rest_port}", "--upstream", f"127.0.0.1:{grpc_port}",
         "--", "--host", "127.0.0.1", "--port", str(grpc_port), "--model-names", DEFAULT_DENSE_MODEL,
-        "--cache-dir", str(CACHE_DIR),
+        "--cache-dir", str(CACHE_DIR), "--metrics-port", str(metrics_port),
     ]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
@@ -52,6 +52,9 @@ def test_with_server_serves_rest_and_stops_both_on_sigterm() -> None:
         assert any("envoy: REST and gRPC on" in line for line in seen), "".join(seen)
         models = httpx.get(f"http://127.0.0.1:{rest_port}/v1/models", timeout=30).json()
         assert [m["id"] for m in models["data"]] == [DEFAULT_DENSE_MODEL]
+        # Envoy forwards /metrics to the METRICS_PORT the server's arguments set.
+        metrics = httpx.get(f"http://127.0.0.1:{rest_port}/metrics", timeout=30)
+        assert metrics.status_code == 200 and "embedserve_requests_total{" in metrics.text
     finally:
         process.send_signal(signal.SIGTERM)
         rest = process.communicate(timeout=90)[1]
@@ -66,14 +69,14 @@ class Launcher:
     thread keeps every line it (and its children) log, so that a test can wait for one."""
 
     def __init__(self) -> None:
-        grpc_port, rest_port = free_port(), free_port()
+        grpc_port, rest_port, metrics_port = free_port(), free_port(), free_port()
         self.grpc_address = f"127.0.0.1:{grpc_port}"
         self.base_url = f"http://127.0.0.1:{rest_port}"
         command = [
             sys.executable, str(ROOT / "envoy" / "gateway.py"), "--with-server",
             "--listen", f"127.0.0.1:{rest_port}", "--upstream", self.grpc_address,
             "--", "--host", "127.0.0.1", "--port", str(grpc_port), "--model-names", DEFAULT_DENSE_MODEL,
-            "--cache-dir", str(CACHE_DIR),
+            "--cache-dir", str(CACHE_DIR), "--metrics-port", str(metrics_port),
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []

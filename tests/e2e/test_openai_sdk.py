@@ -64,7 +64,7 @@ def test_models_list(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
     assert DEFAULT_DENSE_MODEL in models
     assert models[DEFAULT_DENSE_MODEL].object == "model"
-    assert models[DEFAULT_DENSE_MODEL].owned_by == "embedserve"
+    assert models[DEFAULT_DENSE_MODEL].owned_by == "infinity"
 
 
 def test_unknown_model_raises_not_found_with_the_servers_message(client: openai.OpenAI) -> None:

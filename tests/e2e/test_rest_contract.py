@@ -75,7 +75,7 @@ def test_a_2048_input_request_succeeds(http: httpx.Client) -> None:
         ({}, 400, "invalid_argument", "input is required"),
         ({"input": ["ok", ""]}, 400, "invalid_argument", "inputs[1]"),
         ({"input": "x", "encoding_format": "floats"}, 400, "invalid_argument", "'float' or 'base64'"),
-        ({"input": "x", "dimensions": 0}, 400, "invalid_argument", "dimensions"),
+        ({"input": "x", "dimensions": -1}, 400, "invalid_argument", "dimensions"),  # 0 is unset (Infinity)
         ({"input": "x", "model": "no/such-model"}, 404, "not_found", DEFAULT_DENSE_MODEL),
         ({"input": "x", "model": 'nö/"quoted"\\model'}, 404, "not_found", "'nö/\"quoted\"\\\\model'"),
         ({"input": "x", "model": "m" * 100_000}, 404, "not_found", "(100000 characters)"),  # was a 502
@@ -121,7 +121,7 @@ def test_models_lists_openai_model_objects_with_kind_and_dimension(http: httpx.C
         assert body["object"] == "list"
         by_id = {m["id"]: m for m in body["data"]}
         dense, sparse = by_id[DEFAULT_DENSE_MODEL], by_id[SPARSE_MODEL]
-        assert dense["object"] == "model" and dense["owned_by"] == "embedserve"
+        assert dense["object"] == "model" and dense["owned_by"] == "infinity"
         assert isinstance(dense["created"], int) and dense["created"] > 1_700_000_000
         assert (dense["kind"], dense["dimension"], dense["capabilities"]) == ("dense", 384, ["embeddings", "rerank"])
         assert (sparse["kind"], sparse["dimension"], sparse["capabilities"]) == ("sparse", 0, ["embed_sparse"])
@@ -170,7 +170,9 @@ def test_health_is_200_while_the_server_serves_and_503_without_one(http: httpx.C
     assert http.get("/health").status_code == 200
     orphan = Gateway(f"127.0.0.1:{free_port()}")  # nothing listens there
     try:
-        assert httpx.get(f"{orphan.base_url}/health", timeout=30).status_code == 503
+        health = httpx.get(f"{orphan.base_url}/health", timeout=30)
+        assert health.status_code == 503
+        assert health.json()["error"]["code"] == "unavailable"
         down = httpx.post(f"{orphan.base_url}/v1/embeddings", json={"input": "x"}, timeout=30)
         assert down.status_code == 503
         assert down.json()["error"]["type"] == "server_error"

@@ -5,6 +5,7 @@ through the same port stays untouched, retry-after trailer included."""
 from __future__ import annotations
 
 import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -95,6 +96,38 @@ def test_a_server_message_with_quotes_backslashes_and_unicode_stays_valid_json(s
     )
     error = openai_error(response, 404, "not_found")
     assert repr(model) in error["message"]  # the server quotes the name; the Lua filter loses nothing
+
+
+def read_headers(sock: socket.socket, data: bytes, blocks: int) -> bytes:
+    """`data` and what the socket sends after it, until it holds `blocks` HTTP header blocks or
+    the peer closes (the socket's timeout bounds each wait)."""
+    while data.count(b"\r\n\r\n") < blocks:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("path", ["/nope", "/v1/models", "/v1/embeddings"])
+def test_an_error_reply_to_head_has_no_body_so_the_next_reply_on_the_connection_is_intact(
+    strict_gateway: Gateway, path: str
+) -> None:
+    """A reply to HEAD has no content (RFC 9110 9.3.2). The error filter wrote its JSON body
+    into the 404 anyway, and an HTTP/1.1 client read it as the start of the next response on
+    the connection (found by tests/fuzz/test_rest.py). Raw bytes, because a client library may
+    drop a connection with bytes left on it and hide the bug."""
+    auth = f"authorization: Bearer {KEYS[0]}\r\nhost: embedserve\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", strict_gateway.port), timeout=30) as sock:
+        sock.sendall(f"HEAD {path} HTTP/1.1\r\n".encode() + auth)
+        head = read_headers(sock, b"", 1)
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\n" + auth)
+        data = read_headers(sock, head, 2)
+    head_block, _, after = data.partition(b"\r\n\r\n")
+    # 404 for an unknown path; a REST route answers HEAD 405, naming the method it takes.
+    assert head_block.startswith(b"HTTP/1.1 404 " if path == "/nope" else b"HTTP/1.1 405 "), head_block
+    assert b"content-type: application/json" in head_block.lower()
+    assert after.startswith(b"HTTP/1.1 200 "), after[:200]  # nothing between the two replies
 
 
 def test_rest_without_a_content_type_is_still_rest(strict_gateway: Gateway) -> None:

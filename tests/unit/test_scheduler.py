@@ -932,3 +932,22 @@ async def test_room_given_back_by_a_failed_request_wakes_a_waiting_stream(make_s
     h.scheduler.release(ticket)
     stream_ticket = await asyncio.wait_for(waiting, TIMEOUT_S)
     assert stream_ticket.held and h.scheduler.queued_tokens(Priority.BULK) == 10
+
+
+async def test_the_token_limit_follows_the_bulk_throughput_served(make_scheduler: MakeScheduler) -> None:
+    h = make_scheduler(queue_seconds=1.0, tokens_per_s=1e9, rate_window_s=0.05)  # measured at "startup"
+    assert h.scheduler.queue_tokens == 10**9
+    slow = h.backend.__call__
+
+    def slowly(items: list[Item]) -> Sequence[str]:
+        time.sleep(0.01)
+        return slow(items)
+
+    h.scheduler._run_batch = slowly
+    jobs = [job(f"bulk{i}", [10] * 4) for i in range(40)]  # 1,600 tokens, 40 batches of 4 x 10 at ~10 ms
+    for j in jobs:
+        h.scheduler.submit_nowait(j)
+    for j in jobs:
+        await result_of(j)
+    # Saturated bulk got through a few thousand tokens a second, not a billion: the limit follows.
+    assert h.scheduler.queue_tokens is not None and h.scheduler.queue_tokens < 10**7

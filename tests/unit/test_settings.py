@@ -85,6 +85,8 @@ def test_a_per_model_list_of_the_wrong_length_says_how_to_fix_it(variable: str) 
         ({"INTRA_OP_THREADS": "-2"}, "INTRA_OP_THREADS must be 0 or more"),
         ({"GRACE_PERIOD": "soon"}, "GRACE_PERIOD must be a number of seconds"),
         ({"MODEL_NAMES": "a;b;a"}, "MODEL_NAMES lists a model twice"),
+        ({"METRICS_PORT": "65536"}, "METRICS_PORT must be a port from 0 to 65535, or off"),
+        ({"METRICS_PORT": "no"}, "METRICS_PORT must be a whole number"),
     ],
 )
 def test_bad_values_are_config_errors_that_name_the_setting(environ: dict[str, str], needle: str) -> None:
@@ -95,6 +97,13 @@ def test_bad_values_are_config_errors_that_name_the_setting(environ: dict[str, s
 def test_an_unknown_log_level_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="LOG_LEVEL"):
         load_settings([], {"LOG_LEVEL": "LOUD"})
+
+
+def test_the_metrics_port_is_9000_by_default_any_port_or_off() -> None:
+    assert load_settings([], {}).metrics_port == 9000
+    assert load_settings([], {"METRICS_PORT": "0"}).metrics_port == 0
+    assert load_settings(["--metrics-port", "9100"], {"METRICS_PORT": "OFF"}).metrics_port == 9100
+    assert load_settings([], {"METRICS_PORT": " Off "}).metrics_port is None
 
 
 def test_zero_is_allowed_where_it_means_pick_for_me() -> None:

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from embedserve.engine import results, validation
 from embedserve.engine.kinds import RERANK
@@ -22,6 +22,7 @@ from embedserve.engine.types import (
     Priority,
     RerankParams,
     RerankResult,
+    Result,
     SparseParams,
     SparseResult,
 )
@@ -31,8 +32,20 @@ from embedserve.settings import Settings
 
 K = TypeVar("K")
 R = TypeVar("R")
+AnyResult = TypeVar("AnyResult", bound=Result)
 
 NO_CALL = Call()  # a request with no deadline, tenant or metadata (in-process callers)
+
+
+class EngineObserver(Protocol):
+    """What the engine reports of each request, to whoever watches it (the server's metrics),
+    so that it need not know who that is. Called in the request's task; must not raise."""
+
+    def resolved(self, model: str) -> None:
+        """The request is for served model `model` (named, or the default of its kind)."""
+
+    def answered(self, result: Result) -> None:
+        """The request was answered: `result` has its model, usage and timing."""
 
 
 class Engine:
@@ -42,6 +55,7 @@ class Engine:
         self.settings = settings
         self.registry = registry
         self._tokenize_pool = tokenize_pool
+        self.observer: EngineObserver | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -69,6 +83,12 @@ class Engine:
         """Every served model, in configuration order."""
         return self.registry.describe()
 
+    def describe_model(self, name: str, capability: Capability | None = None) -> ModelDescription:
+        """One served model: the one named, of any kind, or with `capability` the one a request
+        for it gets (empty: the default of its kind); raises ModelNotFoundError or
+        WrongModelKindError, as such a request would."""
+        return self.registry.describe_model(name, capability)
+
     # -- requests ----------------------------------------------------------------------
 
     def lane(self, requested: Priority | None, call: Call, inputs: int, streamed: bool = False) -> Priority:
@@ -88,7 +108,7 @@ class Engine:
         and the work is bulk unless the request says otherwise; without, a full queue fails fast
         with OverloadedError, before the texts are tokenized."""
         arrived = time.monotonic()
-        model = self.registry.find(params.model, Capability.EMBED)
+        model = self._find(params.model, Capability.EMBED)
         validation.check_inputs(params.inputs, self.settings.max_inputs_per_request)
         validation.check_dimensions(params, model.id, model.config.hidden_size)
         prefix = validation.prompt_prefix(params, model.id, model.config)
@@ -97,11 +117,13 @@ class Engine:
         ticket = await self._reserve(model, len(texts), model.tokenizer.estimate(texts), lane, wait)
         tokenized, tokenize_s = await self._tokenize(model, ticket, texts, params.truncate)
         rows, job = await self._run(model, tokenized, call, lane, ticket)
-        return EmbedResult(
-            vectors=results.vectors(rows, params, model.config.normalize),
-            model=model.id,
-            usage=results.usage(tokenized),
-            timing=results.timing(arrived, tokenize_s, job),
+        return self._answered(
+            EmbedResult(
+                vectors=results.vectors(rows, params, model.config.normalize),
+                model=model.id,
+                usage=results.usage(tokenized),
+                timing=results.timing(arrived, tokenize_s, job),
+            )
         )
 
     async def embed_stream(
@@ -121,7 +143,7 @@ class Engine:
     async def sparse_embed(self, params: SparseParams, call: Call = NO_CALL) -> SparseResult:
         """Returns one SPLADE vector per input, optionally cut to its top_k or heaviest terms."""
         arrived = time.monotonic()
-        model = self.registry.find(params.model, Capability.SPARSE_EMBED)
+        model = self._find(params.model, Capability.SPARSE_EMBED)
         validation.check_inputs(params.inputs, self.settings.max_inputs_per_request)
         validation.check_sparse(params)
         texts = list(params.inputs)
@@ -130,18 +152,20 @@ class Engine:
         tokenized, tokenize_s = await self._tokenize(model, ticket, texts, params.truncate)
         rows, job = await self._run(model, tokenized, call, lane, ticket)
         vectors = [results.select_terms(row, params, model.tokenizer) for row in rows]
-        return SparseResult(
-            vectors=vectors,
-            model=model.id,
-            usage=results.usage(tokenized),
-            timing=results.timing(arrived, tokenize_s, job),
+        return self._answered(
+            SparseResult(
+                vectors=vectors,
+                model=model.id,
+                usage=results.usage(tokenized),
+                timing=results.timing(arrived, tokenize_s, job),
+            )
         )
 
     async def rerank(self, params: RerankParams, call: Call = NO_CALL) -> RerankResult:
         """Scores documents against the query with a cross-encoder, or by cosine similarity
         with a dense model; returns them highest first."""
         arrived = time.monotonic()
-        model = self.registry.find(params.model, Capability.RERANK)
+        model = self._find(params.model, Capability.RERANK)
         validation.check_rerank(params, self.settings.max_inputs_per_request)
         lane = self.lane(params.priority, call, len(params.documents))
         if is_kind(model, RERANK):
@@ -161,14 +185,28 @@ class Engine:
             )
             rows, job = await self._run(model, tokenized, call, lane, ticket)
             scores = results.cosine_scores(rows)
-        return RerankResult(
-            results=results.ranking(scores, params),
-            model=model.id,
-            usage=results.usage(tokenized),
-            timing=results.timing(arrived, tokenize_s, job),
+        return self._answered(
+            RerankResult(
+                results=results.ranking(scores, params),
+                model=model.id,
+                usage=results.usage(tokenized),
+                timing=results.timing(arrived, tokenize_s, job),
+            )
         )
 
     # -- steps -------------------------------------------------------------------------
+
+    def _find(self, name: str, capability: Capability) -> ServedModel[Any]:
+        """The served model a request names (`Registry.find`), reported to the observer."""
+        model = self.registry.find(name, capability)
+        if self.observer is not None:
+            self.observer.resolved(model.id)
+        return model
+
+    def _answered(self, result: AnyResult) -> AnyResult:
+        if self.observer is not None:
+            self.observer.answered(result)
+        return result
 
     @staticmethod
     async def _reserve(model: ServedModel[Any], inputs: int, tokens: int, lane: Priority, wait: bool = False) -> Ticket:

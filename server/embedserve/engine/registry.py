@@ -62,6 +62,9 @@ class ServedModel(Generic[R]):
             prompts=dict(self.config.prompts),
             default_prompt_name=self.config.default_prompt_name or "",
             loaded_at=int(self.loaded_at),
+            pooling=self.config.pooling if self.spec is DENSE else "",
+            max_batch_tokens=self.scheduler.limits.max_batch_tokens,
+            queued=self.scheduler.queued,
         )
 
 
@@ -106,9 +109,7 @@ class Registry:
                 )
 
             raise ModelNotFoundError(no_default)
-        model = self._models.get(name)
-        if model is None:
-            raise ModelNotFoundError(f"model {quoted(name)} is not served; served models: {self._served()}")
+        model = self._named(name)
         if model.spec not in kinds:
             offered = model.spec.capabilities
 
@@ -118,6 +119,16 @@ class Registry:
                 return f"model {quoted(name)} is a {kind} model and answers {answers}, not {say(capability)[0]}"
 
             raise WrongModelKindError(wrong_kind)
+        return model
+
+    def describe_model(self, name: str, capability: Capability | None = None) -> ModelDescription:
+        """The model `name` names, of any kind, or with `capability` the one `find` picks."""
+        return (self._named(name) if capability is None else self.find(name, capability)).describe()
+
+    def _named(self, name: str) -> ServedModel[Any]:
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFoundError(f"model {quoted(name)} is not served; served models: {self._served()}")
         return model
 
     def _served(self) -> str:
@@ -169,7 +180,6 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
         limits.batch_overhead_tokens,
     )
     rate = throughput(cost, limits, config.max_input_tokens, workers)
-    queue_tokens = max(1, round(rate * settings.queue_seconds)) if settings.queue_seconds > 0 and rate else None
     scheduler = Scheduler(
         wanted.name,
         kind.runner(tokenizer, backend, config),
@@ -178,15 +188,16 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
         workers=workers,
         lanes=model_lanes,
         cost=cost,
-        queue_tokens=queue_tokens,
         tokens_per_s=rate or None,
+        queue_seconds=settings.queue_seconds or None,
     )
     log.info(
         "model %s: each lane queues at most %d inputs and %s",
         wanted.name,
         settings.queue_size,
-        f"{queue_tokens} tokens (~{settings.queue_seconds:g} s of work at the {rate:.0f} tokens/s measured)"
-        if queue_tokens
+        f"{scheduler.queue_tokens} tokens (~{settings.queue_seconds:g} s of work at the {rate:.0f} tokens/s measured "
+        "at startup; it follows the bulk throughput served since)"
+        if scheduler.queue_tokens
         else "no limit in tokens",
     )
     log.info(

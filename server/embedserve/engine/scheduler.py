@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from embedserve.engine.batching import BatchLimits, cut_batches, window_shares
 from embedserve.engine.cost import BatchCost
@@ -51,7 +51,21 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["BatchLimits", "Job", "Lanes", "Scheduler", "Ticket"]
+__all__ = ["BatchLimits", "Job", "Lanes", "Scheduler", "SchedulerObserver", "Ticket"]
+
+
+class SchedulerObserver(Protocol):
+    """What a scheduler reports as it works, to whoever watches it (the server's metrics), so
+    that it need not know who that is. Called on the event loop; must not raise."""
+
+    def ran(self, lane: Priority, inputs: int, tokens: int, padded_tokens: int, seconds: float) -> None:
+        """A forward pass of `inputs` inputs of `tokens` tokens, padded to `padded_tokens` (the
+        longest input x `inputs`), took `seconds`."""
+
+    def shed(self, reason: str) -> None:
+        """A request was refused (OverloadedError) for want of room in its lane: `reason` names
+        the limit, `queue_inputs` (QUEUE_SIZE), `queue_tokens` (QUEUE_SECONDS) or `streams_waiting`
+        (bulk unary work holds half the queue while streams wait for room)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,8 @@ class Scheduler(Generic[T, R]):
         cost: BatchCost | None = None,
         queue_tokens: int | None = None,
         tokens_per_s: float | None = None,
+        queue_seconds: float | None = None,
+        rate_window_s: float = 2.0,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -163,8 +179,15 @@ class Scheduler(Generic[T, R]):
         # Each lane's queue holds at most queue_size inputs, and takes more work only while it holds
         # fewer than queue_tokens tokens (None: no limit); tokens_per_s turns tokens into seconds.
         self.queue_size = queue_size
-        self.queue_tokens = queue_tokens
+        self._queue_tokens = queue_tokens
         self.tokens_per_s = tokens_per_s
+        # With queue_seconds, the limit in tokens follows the bulk throughput: the startup
+        # measurement at first, then what saturated bulk work really gets through, per window of
+        # rate_window_s (under load a pass takes longer than alone: the other workers, the event
+        # loop and the tokenizer share the cores).
+        self.queue_seconds = queue_seconds
+        self._rate_window_s = rate_window_s
+        self._window: tuple[float, int] | None = None  # (start, bulk tokens delivered since)
         self.lanes = lanes or Lanes()
         # Measured forward-pass times by batch shape; bulk batches are cut to lanes.bulk_batch_s.
         self.cost = cost or BatchCost()
@@ -199,6 +222,7 @@ class Scheduler(Generic[T, R]):
         self._loop_ref: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
+        self.observer: SchedulerObserver | None = None
 
     # -- admission ---------------------------------------------------------------------
 
@@ -206,6 +230,10 @@ class Scheduler(Generic[T, R]):
     def queued(self) -> int:
         """Inputs held: admitted and not yet computed, or reserved for requests being tokenized."""
         return sum(self._inputs.values())
+
+    def queued_inputs(self, lane: Priority) -> int:
+        """Inputs a lane holds, as `queued` counts them for both."""
+        return self._inputs[lane]
 
     def queued_tokens(self, lane: Priority) -> int:
         """Tokens a lane holds, as `queued` counts inputs."""
@@ -249,6 +277,7 @@ class Scheduler(Generic[T, R]):
         self._check_healthy()
         ticket = Ticket(inputs, tokens, lane, unary=True)
         if not self._has_room(ticket):
+            self._shed("queue_inputs" if self._inputs[lane] + inputs > self.queue_size else "queue_tokens")
             raise OverloadedError(
                 f"model {self.name} has {self._full(ticket)}: retry later with backoff, or send fewer inputs at once",
                 retry_after_s=self._retry_after(lane),
@@ -259,6 +288,7 @@ class Scheduler(Generic[T, R]):
         if self._space_waiters and lane is Priority.BULK:
             half_tokens = self.queue_tokens is not None and self._unary_tokens >= self.queue_tokens // 2
             if half_tokens or self._unary_inputs + inputs > self.queue_size // 2:
+                self._shed("streams_waiting")
                 raise OverloadedError(
                     f"model {self.name} has {self._unary_inputs} inputs ({self._unary_tokens} tokens) of unary "
                     f"requests queued, half of its queue, while streams wait for room: retry later with backoff",
@@ -267,10 +297,15 @@ class Scheduler(Generic[T, R]):
         self._hold(ticket)
         return ticket
 
+    def _shed(self, reason: str) -> None:
+        if self.observer is not None:
+            self.observer.shed(reason)
+
     async def reserve(self, inputs: int, tokens: int, lane: Priority) -> Ticket:
         """Holds room for a stream's request, waiting (first come, first served) until there is."""
         self._check_healthy()
         if inputs > self.queue_size:
+            self._shed("queue_inputs")
             raise OverloadedError(f"{inputs} inputs can never fit a queue of {self.queue_size}")
         ticket = Ticket(inputs, tokens, lane, unary=False)
         if not self._space_waiters and self._has_room(ticket):
@@ -540,12 +575,44 @@ class Scheduler(Generic[T, R]):
             return
         self._account(handed, started, ended)
         self._deliver(handed.batch, results, started, ended)
+        if handed.lane is Priority.BULK:
+            self._measure_rate(sum(job.lengths[pos] for job, pos in handed.batch), ended)
+
+    @property
+    def queue_tokens(self) -> int | None:
+        """Tokens a lane may hold before it refuses work: QUEUE_SECONDS at the bulk throughput,
+        or the fixed number the scheduler was made with (None: no limit)."""
+        if self.queue_seconds and self.tokens_per_s:
+            return max(1, round(self.tokens_per_s * self.queue_seconds))
+        return self._queue_tokens
+
+    def _measure_rate(self, tokens: int, ended: float) -> None:
+        """Bulk tokens delivered per second while bulk work kept waiting (the lane was never
+        empty), blended into tokens_per_s once per window; a window with idle time says nothing
+        of the throughput, and starts over."""
+        if self._tokens[Priority.BULK] <= 0:
+            self._window = None  # idle: what came through was all there was
+            return
+        if self._window is None:
+            self._window = (ended, 0)
+            return
+        start, delivered = self._window
+        delivered += tokens
+        if ended - start < self._rate_window_s:
+            self._window = (start, delivered)
+            return
+        measured = delivered / (ended - start)
+        self.tokens_per_s = measured if not self.tokens_per_s else 0.5 * self.tokens_per_s + 0.5 * measured
+        self._window = (ended, 0)
 
     def _account(self, handed: Handed[T, R], started: float, ended: float) -> None:
         """Feeds a finished batch's time to the cost model and the lanes' shares."""
         batch = handed.batch
         longest = max(job.lengths[pos] for job, pos in batch)
         self.cost.observe(len(batch), longest, ended - started)
+        if self.observer is not None:
+            tokens = sum(job.lengths[pos] for job, pos in batch)
+            self.observer.ran(handed.lane, len(batch), tokens, longest * len(batch), ended - started)
         self._decay_busy(ended)
         self._busy_s[handed.lane] += ended - started
         if log.isEnabledFor(logging.DEBUG):

@@ -158,3 +158,6 @@ class ModelDescription:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str = ""
     loaded_at: int = 0  # Unix time, seconds
+    pooling: str = ""  # dense models: "mean", "cls", "lasttoken" or "max"
+    max_batch_tokens: int = 0  # padded tokens in one forward pass
+    queued: int = 0  # inputs (or pairs) waiting now, both lanes

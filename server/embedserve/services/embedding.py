@@ -8,7 +8,7 @@ from embedserve import convert
 from embedserve.engine.engine import Engine
 from embedserve.engine.types import EmbedParams
 from embedserve.errors import EmbedServeError
-from embedserve.services.rpc import Context, call, status, unary
+from embedserve.services.rpc import REQUEST_ID_HEADER, Context, call, request_id, status, unary
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -20,6 +20,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self.slow_request_s = engine.settings.slow_request_seconds
 
     @unary
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
@@ -33,19 +34,22 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             async for message in request_iterator:
                 yield message, convert.embed_params(message.request)
 
+        rid = request_id(context)
+        echoed = ((REQUEST_ID_HEADER, rid),)
+        context.set_trailing_metadata(echoed)
         try:
             caller = call(context)
         except EmbedServeError as exc:  # a malformed priority header: the stream never starts
-            await context.abort(*status(exc, "EmbedStream", self.words))
+            await context.abort(*status(exc, "EmbedStream", self.words, rid), trailing_metadata=echoed)
         try:
             async for message, outcome in self._engine.embed_stream(requests(), caller):
                 if isinstance(outcome, Exception):
-                    yield convert.stream_error(message.id, *status(outcome, "EmbedStream", self.words))
+                    yield convert.stream_error(message.id, *status(outcome, "EmbedStream", self.words, rid))
                 else:
                     response = convert.embed_response(outcome, message.request.encoding)
                     yield pb.EmbedStreamResponse(id=message.id, response=response)
         except EmbedServeError as exc:  # the stream as a whole ends (idle, or a message that did not decode)
-            await context.abort(*status(exc, "EmbedStream", self.words))
+            await context.abort(*status(exc, "EmbedStream", self.words, rid), trailing_metadata=echoed)
 
     @unary
     async def SparseEmbed(self, request: pb.SparseEmbedRequest, context: Context) -> pb.SparseEmbedResponse:

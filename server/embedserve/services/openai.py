@@ -16,6 +16,7 @@ class OpenAIService(rest_grpc.OpenAIServiceServicer):
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self.slow_request_s = engine.settings.slow_request_seconds
 
     @unary
     async def CreateEmbeddings(
@@ -44,3 +45,7 @@ class OpenAIService(rest_grpc.OpenAIServiceServicer):
         return rest.ListModelObjectsResponse(
             object="list", data=[convert.model_object(m) for m in self._engine.describe()]
         )
+
+    @unary
+    async def GetModelObject(self, request: rest.GetModelObjectRequest, context: Context) -> rest.ModelObject:
+        return convert.model_object(self._engine.describe_model(request.id))
