@@ -187,6 +187,9 @@ class Scheduler(Generic[T, R]):
         # loop and the tokenizer share the cores).
         self.queue_seconds = queue_seconds
         self._rate_window_s = rate_window_s
+        # Never below half the startup measurement: a window starved by a neighbour on the cores
+        # must not shrink the queue to nothing (overload runs served half the startup rate).
+        self._rate_floor = 0.5 * tokens_per_s if tokens_per_s else 0.0
         self._window: tuple[float, int] | None = None  # (start, bulk tokens delivered since)
         self.lanes = lanes or Lanes()
         # Measured forward-pass times by batch shape; bulk batches are cut to lanes.bulk_batch_s.
@@ -602,7 +605,8 @@ class Scheduler(Generic[T, R]):
             self._window = (start, delivered)
             return
         measured = delivered / (ended - start)
-        self.tokens_per_s = measured if not self.tokens_per_s else 0.5 * self.tokens_per_s + 0.5 * measured
+        blended = measured if not self.tokens_per_s else 0.5 * self.tokens_per_s + 0.5 * measured
+        self.tokens_per_s = max(self._rate_floor, blended)
         self._window = (ended, 0)
 
     def _account(self, handed: Handed[T, R], started: float, ended: float) -> None:
