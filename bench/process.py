@@ -42,6 +42,18 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_status(pid: int) -> dict[str, int]:
+    """The numeric fields of process `pid`'s /proc status, by name, the first number of each
+    (VmRSS and VmHWM in kB, Threads, ...; Linux only)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        first = value.split()[:1]
+        if first and first[0].isdigit():
+            fields[name] = int(first[0])
+    return fields
+
+
 def machine_busy_s() -> float:
     """CPU seconds every process of the machine has used so far, all cores together: what is
     neither idle nor waiting for I/O (Linux /proc/stat; NaN elsewhere). Set against the CPU of

@@ -35,7 +35,7 @@ import httpx
 
 from bench.harness import make_corpus, percentile, step
 from bench.load import Connections
-from bench.process import Gateway, ServerProcess
+from bench.process import Gateway, ServerProcess, process_status
 from embedserve.v1 import embedding_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -87,15 +87,9 @@ class Soak:
 
 def sample(pid: int, started: float) -> Sample:
     """The server's resident memory, open fds and threads now (Linux /proc)."""
-    rss_kb = 0
-    threads = 0
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                rss_kb = int(line.split()[1])
-            elif line.startswith("Threads:"):
-                threads = int(line.split()[1])
-    return Sample(time.monotonic() - started, rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd")), threads)
+    status = process_status(pid)
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    return Sample(time.monotonic() - started, status["VmRSS"] / 1024, fds, status["Threads"])
 
 
 async def capacity(address: str, texts: Sequence[str], clients: int, seconds: float) -> float:

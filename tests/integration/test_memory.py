@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import grpc
 
-from bench.process import ServerProcess
+from bench.process import ServerProcess, process_status
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import CACHE_DIR
@@ -22,11 +22,7 @@ MESSAGE_BYTES = 100 << 20
 
 def resident_mb(pid: int, field: str = "VmRSS") -> float:
     """The process's resident memory now (VmRSS) or at its peak (VmHWM), in MB (Linux /proc)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
+    return process_status(pid)[field] / 1024
 
 
 def prose(rng: random.Random, words: list[str], size: int) -> str:

@@ -249,13 +249,20 @@ class Scheduler(Generic[T, R]):
         if self.failure is not None:
             raise self._crashed()
 
-    def _has_room(self, ticket: Ticket) -> bool:
-        """The lane's inputs fit, and it holds less than its tokens' limit: one request may take it
-        past the limit, so that no legal request is too large to be admitted ever."""
+    def _limit_reached(self, ticket: Ticket) -> str | None:
+        """Which limit of its lane keeps a ticket out: "queue_inputs" when its inputs do not fit,
+        "queue_tokens" when the lane already holds its tokens' limit (one request may take it past
+        the limit, so that no legal request is too large to be admitted ever); None: room."""
         lane = ticket.lane
         if self._inputs[lane] + ticket.inputs > self.queue_size:
-            return False
-        return self.queue_tokens is None or self._tokens[lane] < self.queue_tokens
+            return "queue_inputs"
+        limit = self.queue_tokens
+        if limit is not None and self._tokens[lane] >= limit:
+            return "queue_tokens"
+        return None
+
+    def _has_room(self, ticket: Ticket) -> bool:
+        return self._limit_reached(ticket) is None
 
     def _retry_after(self, lane: Priority) -> float:
         """Seconds until the lane's queue is back under its limit, at the measured throughput."""
@@ -263,10 +270,9 @@ class Scheduler(Generic[T, R]):
             return 1.0
         return max(1.0, (self._tokens[lane] - self.queue_tokens) / self.tokens_per_s)
 
-    def _full(self, ticket: Ticket) -> str:
-        """Which of its lane's limits a ticket finds full, in numbers."""
-        lane = ticket.lane
-        if self._inputs[lane] + ticket.inputs > self.queue_size or self.queue_tokens is None:
+    def _full(self, lane: Priority, limit: str) -> str:
+        """What the lane holds against the limit that refused a ticket, in numbers."""
+        if limit == "queue_inputs":
             return f"{self._inputs[lane]} inputs queued in its {lane.value} lane and takes at most {self.queue_size}"
         seconds = f", ~{self._tokens[lane] / self.tokens_per_s:.1f} s of work" if self.tokens_per_s else ""
         return (
@@ -279,10 +285,12 @@ class Scheduler(Generic[T, R]):
         fast with OverloadedError (its retry_after_s: when room should free)."""
         self._check_healthy()
         ticket = Ticket(inputs, tokens, lane, unary=True)
-        if not self._has_room(ticket):
-            self._shed("queue_inputs" if self._inputs[lane] + inputs > self.queue_size else "queue_tokens")
+        limit = self._limit_reached(ticket)
+        if limit is not None:
+            self._shed(limit)
             raise OverloadedError(
-                f"model {self.name} has {self._full(ticket)}: retry later with backoff, or send fewer inputs at once",
+                f"model {self.name} has {self._full(lane, limit)}: retry later with backoff, or send fewer inputs "
+                "at once",
                 retry_after_s=self._retry_after(lane),
             )
         # A unary request that fits is admitted even while streams wait for room (they take room
