@@ -74,7 +74,8 @@ def test_health_answers_within_50ms_at_full_load(server: RunningServer) -> None:
     assert not all(f.done() for f in load), "load finished before the health checks: not at full load"
     # The queue holds QUEUE_SECONDS of work: what is beyond it is shed, and the rest answered.
     codes = [future.code() for future in load]
-    assert codes[0] == grpc.StatusCode.OK and set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    # (The four arrive together, in any order: whichever came first was admitted.)
+    assert grpc.StatusCode.OK in codes and set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     latencies.sort()
     assert latencies[len(latencies) // 2] < 0.05, latencies
 
