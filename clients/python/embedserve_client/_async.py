@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence, Sized
+import functools
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 import grpc
 import numpy as np
 import numpy.typing as npt
-from tqdm import tqdm
 
+from embedserve_client._bulk import BulkEmbed, OnInvalid, Skipped
 from embedserve_client._pb.embedserve.v1 import embedding_service_pb2 as pb
 from embedserve_client._pb.embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
-from embedserve_client.errors import error_for, from_rpc_error, from_status_number
+from embedserve_client._vectors import Vectors, decode
+from embedserve_client.errors import from_rpc_error
 
-Vectors = npt.NDArray[np.float32]
-
-# Failures of the stream itself after which re-opening it can succeed: the server is restarting
-# or busy, or the connection broke. grpc-core reports a connection cut mid-message as INTERNAL
-# ("Internal error from Core"); the server's own failures arrive in-band, per request, and are
-# never retried. Re-sending is safe: answers are matched by request id, and max_retries bounds it.
-_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL})
 # The server's default MAX_MESSAGE_BYTES (this distribution cannot import the server's settings).
 _MAX_MESSAGE_BYTES = 64 << 20
 _KINDS = {pb.MODEL_KIND_DENSE: "dense", pb.MODEL_KIND_SPARSE: "sparse", pb.MODEL_KIND_RERANK: "rerank"}
@@ -65,24 +58,6 @@ class ModelInfo:
     default_prompt_name: str
     normalize: bool
     max_batch_size: int
-
-
-def _decode(response: pb.EmbedResponse) -> Vectors:
-    """Turns a response's float32_le vectors into one (n, dim) array, in input order."""
-    embeddings = sorted(response.embeddings, key=lambda e: e.index)
-    if not embeddings:
-        return np.empty((0, response.dimension), dtype=np.float32)
-    if all(e.float32_le for e in embeddings):
-        joined = b"".join(e.float32_le for e in embeddings)
-        return np.frombuffer(joined, dtype="<f4").astype(np.float32, copy=False).reshape(len(embeddings), -1)
-    return np.array([list(e.values) for e in embeddings], dtype=np.float32)
-
-
-def _batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    """Cuts an iterable into lists of `size`, lazily."""
-    iterator = iter(texts)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
 
 
 class AsyncClient:
@@ -166,7 +141,7 @@ class AsyncClient:
         """Returns one dense vector per text as an (n, dim) float32 array, in input order."""
         request = self._embed_request(list(texts), model, dimensions, normalize, truncate, prompt_name, prompt)
         response: pb.EmbedResponse = await self._unary(self._stub.Embed, request)
-        return _decode(response)
+        return decode(response)
 
     async def sparse_embed(
         self,
@@ -243,7 +218,8 @@ class AsyncClient:
             for m in response.models
         ]
 
-    async def bulk_embed(
+    @overload
+    def bulk_embed(
         self,
         texts: Iterable[str],
         *,
@@ -257,7 +233,46 @@ class AsyncClient:
         truncate: bool | None = None,
         prompt_name: str = "",
         prompt: str | None = None,
-    ) -> AsyncIterator[Vectors]:
+        on_invalid: Literal["raise"] = "raise",
+        skipped: Skipped | None = None,
+    ) -> AsyncIterator[Vectors]: ...
+
+    @overload
+    def bulk_embed(
+        self,
+        texts: Iterable[str],
+        *,
+        batch_size: int = 64,
+        window: int = 16,
+        progress: bool = False,
+        max_retries: int = 8,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        prompt_name: str = "",
+        prompt: str | None = None,
+        on_invalid: OnInvalid,
+        skipped: Skipped | None = None,
+    ) -> AsyncIterator[Vectors | None]: ...
+
+    def bulk_embed(
+        self,
+        texts: Iterable[str],
+        *,
+        batch_size: int = 64,
+        window: int = 16,
+        progress: bool = False,
+        max_retries: int = 8,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        prompt_name: str = "",
+        prompt: str | None = None,
+        on_invalid: OnInvalid = "raise",
+        skipped: Skipped | None = None,
+    ) -> AsyncIterator[Vectors | None]:
         """Yields one vector per text, in input order, streaming any iterable through EmbedStream.
 
         At most `window` requests of `batch_size` texts are unanswered at a time. A transient
@@ -265,96 +280,35 @@ class AsyncClient:
         INTERNAL) re-opens the stream and re-sends only the unanswered batches, up to
         `max_retries` times in a row, 0.2 s apart doubling up to 5 s (the default 8: ~21 s, enough
         for a server restarted in 10 s); no text is lost or repeated.
-        An in-band error for a batch raises its typed exception.
+
+        An input the server rejects (empty, over the model's max tokens with truncate=False) or
+        that protobuf cannot send (not a str) is an InvalidArgumentError whose `index` is its
+        0-based position in `texts` and whose message starts "input <index>". With
+        on_invalid="raise" (the default) the first such input raises, after the vectors of every
+        input before it were yielded. With on_invalid="skip" it yields None in that input's place,
+        so the n-th value yielded always belongs to the n-th text, and appends `(index, error)` to
+        `skipped`, when given, before yielding that None; the progress bar counts them. Any other
+        in-band error (an unknown model, bad dimensions) raises its typed exception at once.
         """
-        if batch_size < 1 or window < 1:
-            raise ValueError("batch_size and window must be at least 1")
-        batches = _batched(texts, batch_size)
-        unanswered: dict[int, list[str]] = {}  # request id -> texts, in id order
-        answered: dict[int, Vectors] = {}  # answers that arrived before an earlier one
-        next_id = 0
-        next_out = 0
-        exhausted = False
-        failures = 0
-        bar = tqdm(total=len(texts) if isinstance(texts, Sized) else None, unit="text", disable=not progress)
-
-        def request(rid: int, batch: list[str]) -> pb.EmbedStreamRequest:
-            inner = self._embed_request(batch, model, dimensions, normalize, truncate, prompt_name, prompt)
-            return pb.EmbedStreamRequest(id=str(rid), request=inner)
-
-        try:
-            while True:
-                if exhausted and not unanswered:
-                    return
-                call = self._stub.EmbedStream(metadata=self._metadata)
-                room = asyncio.Event()
-                writer_error: list[BaseException] = []
-
-                async def write(
-                    call: Any = call, room: asyncio.Event = room, errors: list[BaseException] = writer_error
-                ) -> None:
-                    nonlocal next_id, exhausted
-                    try:
-                        for old_id, old_batch in list(unanswered.items()):
-                            await call.write(request(old_id, old_batch))
-                        while not exhausted:
-                            while len(unanswered) >= window:
-                                room.clear()
-                                await room.wait()
-                            batch = next(batches, None)
-                            if batch is None:
-                                exhausted = True
-                                break
-                            rid, next_id = next_id, next_id + 1
-                            unanswered[rid] = batch  # before writing: a failed write is re-sent
-                            await call.write(request(rid, batch))
-                        await call.done_writing()
-                    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                        pass  # the stream broke; the reader sees its status
-                    except Exception as exc:  # the caller's iterable failed: end the stream, re-raise
-                        errors.append(exc)
-                        call.cancel()
-
-                writer = asyncio.create_task(write())
-                try:
-                    while True:
-                        message = await call.read()
-                        if message is grpc.aio.EOF:
-                            break
-                        assert isinstance(message, pb.EmbedStreamResponse)
-                        response = message
-                        rid = int(response.id)
-                        if rid not in unanswered:
-                            continue
-                        if response.HasField("error"):
-                            raise from_status_number(response.error.code, response.error.message)
-                        answered[rid] = _decode(response.response)
-                        del unanswered[rid]
-                        room.set()
-                        failures = 0
-                        while next_out in answered:
-                            vectors = answered.pop(next_out)
-                            next_out += 1
-                            bar.update(len(vectors))
-                            for vector in vectors:
-                                yield vector
-                    if writer_error:
-                        raise writer_error[0]
-                    if not unanswered and exhausted:
-                        return
-                    failure = grpc.StatusCode.UNAVAILABLE, "the stream ended with requests unanswered"
-                except grpc.aio.AioRpcError as error:
-                    if writer_error:
-                        raise writer_error[0] from None
-                    if error.code() not in _TRANSIENT:
-                        raise from_rpc_error(error) from None
-                    failure = error.code(), error.details() or ""
-                finally:
-                    writer.cancel()
-                    call.cancel()
-                failures += 1
-                if failures > max_retries:
-                    raise error_for(failure[0], f"{failure[1]} (gave up after {max_retries} retries)")
-                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
-        finally:
-            bar.close()
+        build = functools.partial(
+            self._embed_request,
+            model=model,
+            dimensions=dimensions,
+            normalize=normalize,
+            truncate=truncate,
+            prompt_name=prompt_name,
+            prompt=prompt,
+        )
+        job = BulkEmbed(
+            self._stub,
+            self._metadata,
+            build,
+            texts,
+            batch_size=batch_size,
+            window=window,
+            progress=progress,
+            max_retries=max_retries,
+            on_invalid=on_invalid,
+            skipped=skipped,
+        )
+        return job.run()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
-from embedserve_client._async import AsyncClient, ModelInfo, RerankResult, SparseVector, Vectors
+from embedserve_client._async import AsyncClient, ModelInfo, RerankResult, SparseVector
+from embedserve_client._bulk import OnInvalid
+from embedserve_client._vectors import Vectors
 
 T = TypeVar("T")
 
@@ -70,9 +72,21 @@ class Client:
         """Returns the models the server serves."""
         return self._run(self._client.list_models())
 
-    def bulk_embed(self, texts: Iterable[str], **kwargs: Any) -> Iterator[Vectors]:
-        """Yields one vector per text, in input order; see AsyncClient.bulk_embed."""
-        stream: AsyncIterator[Vectors] = self._client.bulk_embed(texts, **kwargs)
+    @overload
+    def bulk_embed(
+        self, texts: Iterable[str], *, on_invalid: Literal["raise"] = "raise", **kwargs: Any
+    ) -> Iterator[Vectors]: ...
+
+    @overload
+    def bulk_embed(self, texts: Iterable[str], *, on_invalid: OnInvalid, **kwargs: Any) -> Iterator[Vectors | None]: ...
+
+    def bulk_embed(
+        self, texts: Iterable[str], *, on_invalid: OnInvalid = "raise", **kwargs: Any
+    ) -> Iterator[Vectors | None]:
+        """Yields one vector per text, in input order, None for a skipped one (on_invalid="skip");
+        see AsyncClient.bulk_embed. A `skipped` list is filled on the background loop thread, each
+        entry before its None is yielded here."""
+        stream = self._client.bulk_embed(texts, on_invalid=on_invalid, **kwargs)
 
         async def step() -> tuple[bool, Vectors | None]:
             try:
@@ -83,7 +97,7 @@ class Client:
         try:
             while True:
                 more, vector = self._run(step())
-                if not more or vector is None:
+                if not more:
                     return
                 yield vector
         finally:

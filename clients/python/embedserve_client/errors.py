@@ -6,12 +6,15 @@ import grpc
 
 
 class EmbedServeError(Exception):
-    """An RPC failed; `code` is the gRPC status code and `message` the server's details."""
+    """An RPC failed; `code` is the gRPC status code and `message` the server's details. `index`
+    is the 0-based position, in bulk_embed's whole iterable, of the one input the error is about,
+    or None when it is not about one input."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, index: int | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.index = index
 
 
 class CancelledError(EmbedServeError):
@@ -23,7 +26,8 @@ class UnknownError(EmbedServeError):
 
 
 class InvalidArgumentError(EmbedServeError):
-    """The request is malformed: empty input, a limit exceeded, an unknown prompt."""
+    """The request is malformed: empty input, a limit exceeded, an unknown prompt; `index` names
+    the input when one is to blame."""
 
 
 class DeadlineExceededError(EmbedServeError):
