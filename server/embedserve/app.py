@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import signal
@@ -112,6 +113,19 @@ def _loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+def freeze_startup_objects() -> None:
+    """Moves every object alive now (models' Python side, modules, descriptors, settings) out of
+    the garbage collector's sight: a full collection then walks only what serving made, and
+    pauses the whole process (the event loop and every worker thread) for less."""
+    gc.collect()
+    gc.freeze()
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """The event loop's implementation, as the startup log names it: "uvloop" or "asyncio"."""
+    return type(loop).__module__.split(".")[0]
+
+
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
     """Sets the overall and per-service health status."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -149,6 +163,7 @@ async def serve(
     if metrics is not None and settings.metrics_port is not None:
         endpoint = metrics.serve(settings.host, settings.metrics_port)
     health_ref.append(health_servicer)
+    freeze_startup_objects()
     await server.start()
     await set_serving(health_servicer, True)
     try:
@@ -158,10 +173,11 @@ async def serve(
         pass
     log.info(
         "serving embedserve.v1.EmbeddingService on %s:%d (and OpenAIService for REST through Envoy; health, "
-        "reflection on; %s)",
+        "reflection on; %s; event loop: %s)",
         settings.host,
         port,
         f"API key required, {len(settings.api_keys)} configured" if settings.api_keys else "no API key required",
+        loop_name(loop),
     )
     if endpoint is None:
         log.info("metrics off (METRICS_PORT=off)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from embedserve.errors import ConfigError
 
@@ -33,8 +33,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
         return 2
-    asyncio.run(serve(settings, engine))
+    try:
+        loop_factory = event_loop_factory(settings.event_loop)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings, engine))
     return 0
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """EVENT_LOOP's loop: uvloop's (for "uvloop", and for "auto" where it is installed), or None
+    for asyncio's own. grpc.aio accepts every new call through a few turns of the loop, one call
+    per method at a time, so how fast a turn is sets how fast calls are even refused: under an 8x
+    overload asyncio's loop fell seconds behind where uvloop's kept refusals in tens of ms
+    (docs/benchmarks.md)."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise ConfigError("EVENT_LOOP=uvloop, but uvloop is not installed: pip install uvloop") from None
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

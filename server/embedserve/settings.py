@@ -134,6 +134,14 @@ def model_kind(value: str, what: str) -> ModelKind | None:
     return None if name == "auto" else ModelKind(name)
 
 
+def niceness(value: str, what: str) -> int:
+    """A nice-value increment, 0 to 19 (Linux's range above the default 0)."""
+    number = non_negative_int(value, what)
+    if number > 19:
+        raise ConfigError(f"{what} must be from 0 to 19, got {value!r}")
+    return number
+
+
 def log_level(value: str, what: str) -> str:
     """A logging level name."""
     level = value.strip().upper()
@@ -399,6 +407,22 @@ class Settings:
         seconds,
         "a unary request answered after this long is logged as slow, with its request id and where its "
         "time went; 0: never",
+    )
+    worker_niceness: int = setting(
+        10,
+        "WORKER_NICENESS",
+        niceness,
+        "added to the nice value of the bulk forward-pass and tokenizer threads (0 to 19), so that the event "
+        "loop and gRPC's threads, which accept, refuse and answer calls and health checks, get a core first "
+        "when the model fills them all; interactive passes keep the process's priority. 0: all alike",
+    )
+    event_loop: str = setting(
+        "auto",
+        "EVENT_LOOP",
+        choice(("auto", "uvloop", "asyncio")),
+        "the event loop every RPC runs on: `uvloop` (libuv; under an 8x overload it refuses in tens of ms "
+        "where asyncio's own loop falls seconds behind, docs/benchmarks.md), `asyncio`, or `auto`: uvloop "
+        "where it is installed",
     )
     log_level: str = setting("INFO", "LOG_LEVEL", log_level, "DEBUG, INFO, WARNING, ERROR")
     # Kept out of repr so that logging the settings never prints them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -327,10 +328,12 @@ def test_on_cpu_queries_run_on_a_thread_of_their_own_and_bulk_on_two_forward_wor
 ) -> None:
     scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
     threads: list[tuple[int, str]] = []
+    nice: dict[str, int] = {}
     real_run = scheduler._run_batch
 
     def run_batch(items: Any) -> Any:
         threads.append((len(items), threading.current_thread().name))
+        nice[threading.current_thread().name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         return real_run(items)
 
     monkeypatch.setattr(scheduler, "_run_batch", run_batch)
@@ -342,3 +345,12 @@ def test_on_cpu_queries_run_on_a_thread_of_their_own_and_bulk_on_two_forward_wor
     bulk_threads = {name for _, name in threads[1:]}
     assert all(name.startswith("forward-") for name in bulk_threads)
     assert len(bulk_threads) == 2  # four batches over the two bulk workers
+    # Bulk passes and tokenizing yield the cores (WORKER_NICENESS); queries keep the process's priority.
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert server.settings.worker_niceness == 10
+    assert nice[threads[0][1]] == base
+    assert all(nice[name] == base + 10 for name in bulk_threads)
+    tokenizer_nice = server.engine._tokenize_pool.submit(
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ).result()
+    assert tokenizer_nice == base + 10

@@ -136,6 +136,9 @@ def test_startup_log_names_model_backend_provider_dtype_and_load_time(process: S
     assert "sentence-transformers/all-MiniLM-L6-v2" in line
     assert "backend onnx" in line and "provider CPUExecutionProvider" in line and "dtype fp32" in line
     assert re.search(r"in \d+\.\d s", line)
+    # The event loop (EVENT_LOOP=auto: uvloop, a dependency) and the bulk workers' priority.
+    assert "event loop: uvloop" in next(line for line in process.lines if "serving embedserve.v1" in line)
+    assert "at nice +10" in next(line for line in process.lines if "bulk forward worker" in line)
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_zero(process: ServerProcess) -> None:

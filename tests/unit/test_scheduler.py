@@ -895,7 +895,8 @@ async def test_while_streams_wait_unary_work_keeps_at_most_half_the_queue(make_s
 async def test_a_lane_holding_its_tokens_refuses_unary_work_with_a_retry_after(make_scheduler: MakeScheduler) -> None:
     h = make_scheduler(queue_tokens=100, tokens_per_s=50.0)
     h.backend.hold()
-    h.scheduler.submit_nowait(job("first", [30] * 5))  # 150 tokens: past the limit, one request may
+    first = job("first", [30] * 5)
+    h.scheduler.submit_nowait(first)  # 150 tokens: past the limit, one request may
     with pytest.raises(OverloadedError, match=r"150 tokens queued in its bulk lane, ~3\.0 s of work") as refused:
         h.scheduler.reserve_nowait(1, 1, Priority.BULK)
     assert refused.value.retry_after_s == pytest.approx(1.0)  # (150 - 100) / 50 tokens/s
@@ -904,6 +905,7 @@ async def test_a_lane_holding_its_tokens_refuses_unary_work_with_a_retry_after(m
     assert h.scheduler.queued_tokens(Priority.INTERACTIVE) == 4
     h.backend.release()
     assert await result_of(q) == expected(q)
+    assert await result_of(first) == expected(first)  # its batches run on worker threads: wait for them
     await settle()
     assert h.scheduler.queued_tokens(Priority.BULK) == 0
     h.scheduler.submit_nowait(job("then", [30] * 5))  # room again

@@ -13,6 +13,7 @@ from embedserve.engine.kinds import RERANK
 from embedserve.engine.registry import Registry, ServedModel, is_kind
 from embedserve.engine.scheduler import Job, Ticket
 from embedserve.engine.streaming import windowed
+from embedserve.engine.threads import lower_priority
 from embedserve.engine.tokenizer import Tokenized, Tokens
 from embedserve.engine.types import (
     Call,
@@ -62,7 +63,13 @@ class Engine:
     @classmethod
     def load(cls, settings: Settings) -> Engine:
         """Loads every configured model; raises ConfigError saying what to change."""
-        return cls(settings, Registry.load(settings), ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize"))
+        return cls(
+            settings,
+            Registry.load(settings),
+            ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="tokenize", initializer=lower_priority(settings.worker_niceness)
+            ),
+        )
 
     def set_failure_callback(self, callback: Callable[[BaseException], None]) -> None:
         """Calls `callback` when any model's worker crashes (to flip health)."""

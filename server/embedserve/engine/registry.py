@@ -14,6 +14,7 @@ from embedserve.backends.config import ModelConfig, load_model_config
 from embedserve.engine.cost import BatchCost, calibrate
 from embedserve.engine.kinds import DENSE, KINDS, SPARSE, KindSpec, serving
 from embedserve.engine.scheduler import BatchLimits, Lanes, Scheduler
+from embedserve.engine.threads import lower_new_threads
 from embedserve.engine.tokenizer import TextTokenizer, Tokens
 from embedserve.engine.types import ModelDescription
 from embedserve.errors import ConfigError, ModelNotFoundError, Words, WrongModelKindError, quoted
@@ -162,7 +163,8 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
     # Threads are set when the backend loads; were CUDA expected and did not start, the CPU
     # runs one worker on every core (the backend logs why), and the lanes follow what it got.
     workers, threads = forward_threads(settings, expected_cuda, cpu_cores())
-    backend = load_backend(config, kind.graph, wanted.backend, wanted.dtype, settings.cache_dir, threads)
+    with lower_new_threads(settings.worker_niceness):  # ONNX Runtime's intra-op pool, where it starts one
+        backend = load_backend(config, kind.graph, wanted.backend, wanted.dtype, settings.cache_dir, threads)
     model_lanes = lanes(settings, backend.info.on_cuda)
     cost = BatchCost()
     calibrating = time.monotonic()
@@ -190,6 +192,7 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
         cost=cost,
         tokens_per_s=rate or None,
         queue_seconds=settings.queue_seconds or None,
+        niceness=settings.worker_niceness,
     )
     log.info(
         "model %s: each lane queues at most %d inputs and %s",
@@ -201,10 +204,11 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
         else "no limit in tokens",
     )
     log.info(
-        "model %s: %d bulk forward worker(s) x %d intra-op thread(s); interactive batches %s",
+        "model %s: %d bulk forward worker(s) x %d intra-op thread(s) at nice +%d; interactive batches %s",
         wanted.name,
         workers,
         threads,
+        settings.worker_niceness,
         "on a thread of their own, alongside bulk ones"
         if model_lanes.alongside
         else f"first, bulk batches cut to {settings.bulk_batch_ms:g} ms while they arrive",

@@ -37,6 +37,7 @@ from typing import Generic, Protocol, TypeVar
 
 from embedserve.engine.batching import BatchLimits, cut_batches, window_shares
 from embedserve.engine.cost import BatchCost
+from embedserve.engine.threads import lower_priority
 from embedserve.engine.types import Priority
 from embedserve.errors import (
     CancelledRequestError,
@@ -172,6 +173,7 @@ class Scheduler(Generic[T, R]):
         tokens_per_s: float | None = None,
         queue_seconds: float | None = None,
         rate_window_s: float = 2.0,
+        niceness: int = 0,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -216,7 +218,10 @@ class Scheduler(Generic[T, R]):
         self._unary_tokens = 0
         self._space_waiters: collections.deque[tuple[Ticket, asyncio.Future[None]]] = collections.deque()
         self._wakeup = asyncio.Event()
-        bulk = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"forward-{name}")
+        # Bulk passes yield the cores to the event loop and to interactive passes (engine.threads).
+        bulk = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix=f"forward-{name}", initializer=lower_priority(niceness)
+        )
         self._executors = {lane: bulk for lane in lanes_}
         if self.lanes.alongside:
             self._executors[Priority.INTERACTIVE] = ThreadPoolExecutor(
