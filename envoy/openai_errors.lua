@@ -157,6 +157,23 @@ local function refusal(method, path, content_type)
   return nil
 end
 
+-- Removes the request headers that gRPC metadata cannot carry or that gRPC reads itself: a name
+-- outside gRPC's [0-9a-z_.-] (HTTP allows !#$%&'*+^`|~ too), a binary one (-bin, which gRPC
+-- decodes as base64) and gRPC's own (grpc-*, such as grpc-timeout). The server answers the first
+-- kind, and a malformed one of the others, INTERNAL (a 500); to a REST route they are headers it
+-- does not know, which HTTP has it ignore.
+local function drop_non_metadata(headers)
+  local dropped = {}
+  for name, _ in pairs(headers) do
+    if name:sub(1, 1) ~= ":" and (name:find("^[%w_.-]+$") == nil or name:find("%-bin$") or name:find("^grpc%-")) then
+      dropped[#dropped + 1] = name
+    end
+  end
+  for _, name in ipairs(dropped) do
+    headers:remove(name)
+  end
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local content_type = (headers:get("content-type") or ""):lower()
@@ -178,6 +195,8 @@ function envoy_on_request(handle)
     local status, message, allow = refusal(headers:get(":method") or "", path, content_type)
     if status ~= nil then
       handle:respond({[":status"] = status, ["allow"] = allow}, message)
+    else
+      drop_non_metadata(headers)
     end
   end
 end

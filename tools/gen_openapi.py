@@ -8,8 +8,9 @@ FileDescriptorSet itself: every RPC with a google.api.http rule (additional bind
 becomes an operation, with its path parameters, query parameters and body as the HTTP rule binds
 them; request and response schemas follow proto3's JSON mapping as the transcoder prints it
 (envoy/envoy.yaml: proto field names, 64-bit integers as strings, enums as names, bytes as
-base64); descriptions are the proto comments (SourceCodeInfo). Errors are the OpenAI-shaped body
-that envoy/openai_errors.lua writes.
+base64), a request's fields null too, which the transcoder reads as unset; descriptions are the
+proto comments (SourceCodeInfo). Errors are the OpenAI-shaped body that envoy/openai_errors.lua
+writes.
 
 Usage:
   python tools/gen_openapi.py DESCRIPTOR_SET OUT.json
@@ -261,12 +262,49 @@ def _described(schema: Json, description: str) -> Json:
     return {**schema, "description": description} if description else dict(schema)
 
 
+def or_null(schema: Json) -> Json:
+    """A field's schema that also takes JSON null, which proto3's JSON parser (the transcoder's)
+    reads as the field's default, for every type; an item of a list stays what it was."""
+    kind = schema.get("type")
+    if "$ref" in schema:
+        rest = {key: value for key, value in schema.items() if key != "$ref"}
+        return {"anyOf": [{"$ref": schema["$ref"]}, {"type": "null"}], **rest}
+    if isinstance(kind, str) and kind != "null":
+        return {**schema, "type": [kind, "null"]}
+    return dict(schema)  # any JSON value (google.protobuf.Value) or null already
+
+
+def reachable(descriptors: Descriptors, roots: Iterator[str]) -> set[str]:
+    """The messages of `roots` and every message their fields hold, at any depth."""
+    found: set[str] = set()
+    pending = list(roots)
+    while pending:
+        name = pending.pop()
+        declared = descriptors.types.get(name)
+        if name in found or name in WELL_KNOWN or declared is None:
+            continue
+        if isinstance(declared.proto, descriptor_pb2.DescriptorProto):
+            found.add(name)
+            pending += [f.type_name for f in declared.proto.field if f.type == FieldProto.TYPE_MESSAGE]
+    return found
+
+
+def request_only(descriptors: Descriptors) -> frozenset[str]:
+    """The messages that requests hold and answers never do: their fields may be null in a
+    request, which the transcoder never prints in an answer."""
+    requests = reachable(descriptors, (route.method.input_type for route in descriptors.routes))
+    answers = reachable(descriptors, (route.method.output_type for route in descriptors.routes))
+    return frozenset(requests - answers)
+
+
 class Schemas:
     """The components/schemas that operations refer to, each built once when first referred to;
-    `finish` builds what is still pending and returns them all."""
+    `finish` builds what is still pending and returns them all. The fields of the messages in
+    `nullable` may also be JSON null (see `or_null`)."""
 
-    def __init__(self, descriptors: Descriptors) -> None:
+    def __init__(self, descriptors: Descriptors, nullable: frozenset[str] = frozenset()) -> None:
         self._descriptors = descriptors
+        self._nullable = nullable
         self._built: dict[str, Json] = {}
         self._pending: list[str] = []
 
@@ -292,6 +330,8 @@ class Schemas:
         declared = self._descriptors.types[type_name]
         message = self._descriptors.message(type_name)
         properties = {f.name: self.field(type_name, f) for f in message.field if f.name not in exclude}
+        if type_name in self._nullable:
+            properties = {name: or_null(schema) for name, schema in properties.items()}
         notes = [declared.comment] if declared.comment else []
         for index, oneof in enumerate(message.oneof_decl):
             members = [f for f in message.field if f.HasField("oneof_index") and f.oneof_index == index]
@@ -539,7 +579,7 @@ def document(descriptor_set: descriptor_pb2.FileDescriptorSet) -> Json:
     descriptors = Descriptors.read(descriptor_set)
     if not descriptors.routes:
         raise ValueError("no RPC of the descriptor set has a google.api.http rule")
-    schemas = Schemas(descriptors)
+    schemas = Schemas(descriptors, request_only(descriptors))
     paths: dict[str, Json] = {}
     for route in descriptors.routes:
         path, operation = _OperationBuilder(descriptors, schemas, route).build()
