@@ -1,6 +1,7 @@
 """Metrics through real Envoy on its REST port: GET /metrics is the server's (from its
 METRICS_PORT), GET /metrics/envoy is Envoy's own (its admin API's /stats/prometheus), failures are
-OpenAI-style errors, and the Grafana dashboard queries only metrics that these scrapes have."""
+OpenAI-style errors, and the Grafana dashboard's PromQL parses and reads only metrics and labels
+that these scrapes have."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import re
 
 import httpx
+import promql_parser
 import pytest
 
 from embedserve.settings import DEFAULT_DENSE_MODEL
@@ -83,22 +85,80 @@ def test_metrics_that_envoy_cannot_fetch_are_an_openai_error(server: RunningServ
     assert error["message"]
 
 
-def dashboard_metrics() -> set[str]:
-    """The metric names the dashboard's queries read: every name in a PromQL expression once the
-    label matchers ({...}), grouping (by (...)) and ranges ([...]) are taken out."""
+# Grafana's variables as Prometheus would see them once Grafana filled them in.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$instance": ".*", "$model": ".*", "$job": ".*"}
+# Labels Prometheus adds to every sample it scrapes.
+TARGET_LABELS = {"instance", "job"}
+LABEL_VALUES = re.compile(r"^label_values\((.+), *([a-zA-Z_][a-zA-Z0-9_]*)\)$")
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the dashboard (panels' targets, and the selectors of its
+    `label_values(selector, label)` variables, with the label as a grouping), variables filled in."""
     dashboard = json.loads(DASHBOARD.read_text())
     queries = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", ())]
-    queries += [variable["definition"] for variable in dashboard["templating"]["list"] if "definition" in variable]
-    names: set[str] = set()
-    for query in queries:
-        bare = re.sub(r"\{[^}]*\}|\bby \([^)]*\)|\[[^]]*\]", "", query)
-        names |= set(re.findall(r"\b(?:embedserve|envoy|process)_[a-z0-9_]+\b", bare))
-    return names
+    for variable in dashboard["templating"]["list"]:
+        if "definition" in variable:
+            found = LABEL_VALUES.match(variable["definition"])
+            assert found, f"variable {variable['name']}: not label_values(selector, label): {variable['definition']}"
+            queries.append(f"count by ({found[2]}) ({found[1]})")
+    for name, value in GRAFANA_VARIABLES.items():
+        queries = [query.replace(name, value) for query in queries]
+    return queries
 
 
-def test_the_grafana_dashboard_queries_only_metrics_that_the_scrapes_have(http: httpx.Client, gateway: Gateway) -> None:
+def exposed_labels(text: str) -> dict[str, set[str]]:
+    """Each sample name of a scrape in Prometheus's text format, with the label names it carries."""
+    labels: dict[str, set[str]] = {}
+    for found in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? ", text, re.MULTILINE):
+        names = set(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', found[2] or ""))
+        labels.setdefault(found[1], set()).update(names)
+    return labels
+
+
+def selectors_and_groupings(query: str) -> tuple[list[tuple[str, set[str]]], list[tuple[str, set[str]]]]:
+    """What one query reads, parsed as Prometheus parses it (a syntax error fails the test): each
+    vector selector's metric and the labels it matches on, and each aggregation's `by` labels with
+    the metrics under it."""
+    selectors: list[tuple[str, set[str]]] = []
+    groupings: list[tuple[str, set[str]]] = []
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            selectors.append((str(node.name), {m.name for m in node.matchers.matchers}))
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            assert node.modifier.type == promql_parser.AggModifierType.By, f"{query}: `without` hides what it keeps"
+            under: list[str] = []
+            promql_parser.walk(
+                node.expr, lambda n: under.append(str(n.name)) if isinstance(n, promql_parser.VectorSelector) else None
+            )
+            groupings.extend((metric, set(node.modifier.labels)) for metric in under)
+
+    promql_parser.walk(promql_parser.parse(query), visit)
+    return selectors, groupings
+
+
+def test_the_grafana_dashboard_queries_parse_and_read_only_metrics_and_labels_the_scrapes_have(
+    http: httpx.Client, gateway: Gateway
+) -> None:
     assert http.post("/v1/embeddings", json={"input": "so that every labelled family has samples"}).status_code == 200
-    exposed = {name for path in ("/metrics", "/metrics/envoy") for name in Scrape(f"{gateway.base_url}{path}").exposed}
-    wanted = dashboard_metrics()
-    assert {"embedserve_requests_total", "embedserve_queue_inputs", "envoy_http_downstream_rq_xx"} <= wanted
-    assert wanted - exposed == set()
+    exposed: dict[str, set[str]] = {}
+    for path in ("/metrics", "/metrics/envoy"):
+        for name, labels in exposed_labels(Scrape(f"{gateway.base_url}{path}").text).items():
+            exposed.setdefault(name, set()).update(labels | TARGET_LABELS)
+    queries = dashboard_queries()
+    assert len(queries) >= 30
+    read: set[str] = set()
+    for query in queries:
+        selectors, groupings = selectors_and_groupings(query)
+        assert selectors, f"{query}: reads no metric"
+        for metric, labels in selectors:
+            read.add(metric)
+            assert metric in exposed, f"{query}: {metric} is in no scrape"
+            assert labels <= exposed[metric], f"{query}: {metric} has no label {labels - exposed[metric]}"
+        for metric, labels in groupings:
+            assert labels <= exposed[metric], f"{query}: grouped by {labels - exposed[metric]}, which {metric} lacks"
+        if "histogram_quantile" in query:
+            assert all(m.endswith("_bucket") for m, _ in selectors), f"{query}: quantiles of a non-bucket series"
+            assert all("le" in labels for _, labels in groupings), f"{query}: a quantile needs the le label kept"
+    assert {"embedserve_requests_total", "embedserve_queue_inputs", "envoy_http_downstream_rq_xx"} <= read
