@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from google.protobuf import descriptor_pb2
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tools"))  # tools/ is not a package
@@ -162,20 +164,57 @@ def _free_loopback_port() -> int:
 
 
 def write_lua(workdir: Path, descriptor: Path) -> Path:
-    """Writes the Lua filter into `workdir`, after a table of the REST routes of `descriptor`
-    (ROUTES: a Lua pattern of each path template, the HTTP methods it answers), so that the
-    filter can answer a known path with the wrong method 405, naming the ones it takes."""
-    descriptor_set = gen_openapi.load(descriptor)
+    """Writes the Lua filter into `workdir`, after two tables of the REST routes of `descriptor`,
+    each keyed by a Lua pattern of a path template: ROUTES, the HTTP methods it answers, so that
+    the filter can answer a known path with the wrong method 405, naming the ones it takes; and
+    LIST_FIELDS, the body's repeated scalar fields (list_fields), whose lists the filter checks."""
+    descriptors = gen_openapi.Descriptors.read(gen_openapi.load(descriptor))
     methods: dict[str, list[str]] = {}
-    for route in gen_openapi.Descriptors.read(descriptor_set).routes:
-        allowed = methods.setdefault(lua_pattern(route.template), [])
+    lists: dict[str, dict[str, str]] = {}
+    for route in descriptors.routes:
+        pattern = lua_pattern(route.template)
+        allowed = methods.setdefault(pattern, [])
         if route.http_method.upper() not in allowed:
             allowed.append(route.http_method.upper())
+        if route.body == "*":
+            lists.setdefault(pattern, {}).update(list_fields(descriptors.message(route.method.input_type)))
     rows = "".join(f"  [{json.dumps(pattern)}] = {json.dumps(', '.join(m))},\n" for pattern, m in methods.items())
+    list_rows = "".join(f"  [{json.dumps(pattern)}] = {_lua_table(f)},\n" for pattern, f in lists.items() if f)
     path = workdir / LUA.name
-    path.write_text(f"-- Written by envoy/gateway.py from the HTTP rules in proto/.\nlocal ROUTES = {{\n{rows}}}\n\n"
-                    + LUA.read_text())  # fmt: skip
+    path.write_text(f"-- Written by envoy/gateway.py from the HTTP rules in proto/.\nlocal ROUTES = {{\n{rows}}}\n"
+                    f"local LIST_FIELDS = {{\n{list_rows}}}\n\n" + LUA.read_text())  # fmt: skip
     return path
+
+
+def _lua_table(fields: dict[str, str]) -> str:
+    return "{" + ", ".join(f"[{json.dumps(name)}] = {json.dumps(kind)}" for name, kind in fields.items()) + "}"
+
+
+# What an item of a repeated scalar field is in JSON, by the field's type.
+_ITEM_KINDS = {
+    descriptor_pb2.FieldDescriptorProto.TYPE_STRING: "a string",
+    descriptor_pb2.FieldDescriptorProto.TYPE_BYTES: "a string (base64)",
+    descriptor_pb2.FieldDescriptorProto.TYPE_ENUM: "a string",
+    descriptor_pb2.FieldDescriptorProto.TYPE_BOOL: "a boolean",
+}
+
+
+def list_fields(message: descriptor_pb2.DescriptorProto) -> dict[str, str]:
+    """The repeated scalar (and enum) fields of a request body, under both names the transcoder
+    reads (the proto name and the JSON one), and what each item must be. The transcoder drops a
+    null item of such a list and flattens a list item into it; a google.protobuf.Value field
+    (OpenAI's `input`) is not one of them: it keeps both, and the server refuses them itself."""
+    found: dict[str, str] = {}
+    for field_proto in message.field:
+        if field_proto.label != field_proto.LABEL_REPEATED or field_proto.type in (
+            field_proto.TYPE_MESSAGE,
+            field_proto.TYPE_GROUP,
+        ):
+            continue
+        kind = _ITEM_KINDS.get(field_proto.type, "a number")
+        found[field_proto.name] = kind
+        found[field_proto.json_name or field_proto.name] = kind
+    return found
 
 
 def lua_pattern(template: str) -> str:

@@ -8,10 +8,12 @@
 -- through untouched, and successful REST responses only lose the grpc-* headers that mean nothing
 -- to an HTTP client. Every other request is REST, whatever its content type: one that claims to
 -- be gRPC anyway (gRPC-Web, for which there is no filter, or gRPC to a REST path) is answered
--- 415 here, before the transcoder would pass it on as gRPC and return gRPC's reply. Bodies are
--- valid UTF-8 JSON even when Envoy's message quotes request bytes that are not UTF-8. An
--- overload's `retry-after` trailer (a header of the server's trailers-only reply) is left on the
--- 429, where HTTP clients (the OpenAI SDK among them) read it as Retry-After.
+-- 415 here, before the transcoder would pass it on as gRPC and return gRPC's reply; and one whose
+-- list of strings has a null or a list in it is answered 400 (reshaped_list), before the
+-- transcoder would drop or flatten it. Bodies are valid UTF-8 JSON even when Envoy's message
+-- quotes request bytes that are not UTF-8. An overload's `retry-after` trailer (a header of the
+-- server's trailers-only reply) is left on the 429, where HTTP clients (the OpenAI SDK among
+-- them) read it as Retry-After.
 
 local GRPC_STATUS = {
   [1] = {"cancelled", "invalid_request_error"},
@@ -174,6 +176,102 @@ local function drop_non_metadata(headers)
   end
 end
 
+-- The name of a JSON object key as the transcoder reads it: the raw text between its quotes, with
+-- the \u00XX escapes of ASCII decoded (a field name is ASCII, so no other escape can make one).
+local function key_name(raw)
+  if raw:find("\\", 1, true) == nil then
+    return raw
+  end
+  return (raw:gsub("\\u00([0-7]%x)", function(hex) return string.char(tonumber(hex, 16)) end))
+end
+
+-- The end of the JSON string whose opening quote is at byte `i` of `body` (the index of its
+-- closing quote), or nil if it has none. An escape skips the byte after its backslash.
+local function string_end(body, i)
+  local k = i + 1
+  while true do
+    local j = body:find('["\\]', k)
+    if j == nil or body:byte(j) == 0x22 then
+      return j
+    end
+    k = j + 2
+  end
+end
+
+-- Why a REST body is refused before it is transcoded, if it is: a list of one of `fields` (the
+-- route's LIST_FIELDS: repeated scalar fields, by name, and what each item must be) with a null
+-- item or a list item. The transcoder would drop the null and flatten the list, and the server
+-- would answer for a list other than the client's (result index 1 for another document), so
+-- such a body is a 400 naming the item. One linear pass over the body that skips strings whole:
+-- it only tracks nesting, the key of each top-level field and the index of each item of a
+-- checked list. A body that is not well-formed JSON is left to the transcoder, which refuses it.
+-- Not refused: a single value for such a field, which the transcoder reads as a list of it, as
+-- OpenAI-compatible APIs read a string for a list; and lists in nested messages (the request
+-- messages of proto/ have none with repeated scalar fields).
+local function reshaped_list(body, fields)
+  local depth, top_is_object = 0, false
+  local key, expect_key = nil, false -- the last key of the top-level object; whether one comes next
+  local kind, index = nil, 0 -- what the items of the checked list at depth 2 must be; the item's index
+  local i = 1
+  while true do
+    local j = body:find('[%[%]{},"n]', i)
+    if j == nil then
+      return nil
+    end
+    local byte = body:byte(j)
+    i = j + 1
+    if byte == 0x22 then -- "
+      local close = string_end(body, j)
+      if close == nil then
+        return nil
+      end
+      if depth == 1 and expect_key then
+        key, expect_key = key_name(body:sub(j + 1, close - 1)), false
+      end
+      i = close + 1
+    elseif byte == 0x6E then -- n: outside a string, only `null` has one
+      if kind ~= nil and depth == 2 and body:sub(j, j + 3) == "null" then
+        return key .. "[" .. index .. "] is null: every item of " .. key .. " must be " .. kind
+          .. "; remove the null or send " .. kind .. " in its place"
+      end
+    elseif byte == 0x2C then -- ,
+      if depth == 1 then
+        expect_key = top_is_object
+      elseif depth == 2 and kind ~= nil then
+        index = index + 1
+      end
+    elseif byte == 0x5B or byte == 0x7B then -- [ {
+      if kind ~= nil and depth == 2 and byte == 0x5B then
+        return key .. "[" .. index .. "] is a list: every item of " .. key .. " must be " .. kind
+          .. ", not a list; send one flat list"
+      end
+      depth = depth + 1
+      if depth == 1 then
+        top_is_object, expect_key = byte == 0x7B, byte == 0x7B
+      elseif depth == 2 and byte == 0x5B and top_is_object and key ~= nil then
+        kind, index = fields[key], 0
+      end
+    else -- ] }
+      depth = depth - 1
+      if depth < 2 then
+        kind = nil
+      end
+    end
+  end
+end
+
+-- The LIST_FIELDS row of a request's path (LIST_FIELDS is written above this file by
+-- envoy/gateway.py, as ROUTES is), or nil.
+local function list_fields(path)
+  local bare = path:gsub("[?#].*", "")
+  for pattern, fields in pairs(LIST_FIELDS) do
+    if bare:find(pattern) then
+      return fields
+    end
+  end
+  return nil
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local content_type = (headers:get("content-type") or ""):lower()
@@ -195,8 +293,18 @@ function envoy_on_request(handle)
     local status, message, allow = refusal(headers:get(":method") or "", path, content_type)
     if status ~= nil then
       handle:respond({[":status"] = status, ["allow"] = allow}, message)
-    else
-      drop_non_metadata(headers)
+      return
+    end
+    drop_non_metadata(headers)
+    local fields = list_fields(path)
+    if fields ~= nil then
+      -- Reading the body waits for all of it (route request_body_buffer_limit in envoy.yaml);
+      -- header objects taken before that are no longer valid.
+      local body = handle:body()
+      message = body ~= nil and reshaped_list(body:getBytes(0, body:length()), fields) or nil
+      if message ~= nil then
+        handle:respond({[":status"] = "400"}, message)
+      end
     end
   end
 end

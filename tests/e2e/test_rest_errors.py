@@ -187,3 +187,63 @@ def test_native_grpc_through_envoy_is_untouched(strict_gateway: Gateway) -> None
         with pytest.raises(grpc.RpcError) as raised:
             unknown(b"", metadata=GRPC_METADATA, timeout=30)
         assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# Lists of repeated string fields that the transcoder would reshape (drop a null, flatten a list),
+# refused by the Lua filter before it does, with the item's path as the client sent it.
+RESHAPED = [
+    ("/v2/rerank", {"query": "capital of France?", "documents": [None, "Bananas.", "Paris."]}, "documents[0] is null"),
+    ("/v1/rerank", {"query": "capital?", "documents": ["Paris.", "Bananas.", None]}, "documents[2] is null"),
+    ("/v2/embed", {"texts": ["hello"], "embeddingTypes": ["float", None]}, "embeddingTypes[1] is null"),
+    ("/v2/rerank", {"query": "capital?", "documents": ["Paris.", ["Bananas.", "x"]]}, "documents[1] is a list"),
+    ("/v1/embed", {"texts": [["hello", "world"]]}, "texts[0] is a list"),
+    ("/v2/embed", {"texts": ["a", {"b": None}, []], "embedding_types": ["float"]}, "texts[2] is a list"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "message"), RESHAPED)
+def test_a_null_or_a_list_item_in_a_repeated_string_field_is_400_naming_it_not_reshaped(
+    gateway: Gateway, path: str, body: dict[str, Any], message: str
+) -> None:
+    response = httpx.post(gateway.base_url + path, json=body, timeout=60)
+    error = openai_error(response, 400, "invalid_argument")
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith(message + ": every item of "), error
+    assert "must be a string" in error["message"], error
+
+
+def test_list_text_inside_strings_of_a_list_field_is_text(gateway: Gateway) -> None:
+    """The filter's tokenizer skips strings whole, escaped quotes and backslashes included."""
+    documents = ['Bananas "null, [1]" \\', "Paris is the capital of France.", "null", '[null, ["x"]]\\"']
+    body = {"query": "capital of France?", "documents": documents, "return_documents": True}
+    response = httpx.post(gateway.base_url + "/v2/rerank", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert sorted(r["index"] for r in results) == [0, 1, 2, 3]
+    assert results[0]["index"] == 1 and {r["index"]: r["document"]["text"] for r in results} == dict(
+        enumerate(documents)
+    )
+
+
+def test_openai_input_keeps_its_own_checks_by_the_server(gateway: Gateway) -> None:
+    """`input` is a google.protobuf.Value, which keeps nulls and lists: the server reads it."""
+    url = gateway.base_url + "/v1/embeddings"
+    ok = httpx.post(url, json={"input": ["hello", "null, [1]"]}, timeout=60)
+    assert ok.status_code == 200, ok.text
+    assert [d["index"] for d in ok.json()["data"]] == [0, 1]
+    null = openai_error(httpx.post(url, json={"input": ["hello", None]}, timeout=60), 400, "invalid_argument")
+    assert null["message"].startswith("input[1] is null; input must be a string or an array of strings"), null
+    ids = openai_error(httpx.post(url, json={"input": [[1, 2, 3]]}, timeout=60), 400, "invalid_argument")
+    assert "token ids are not supported" in ids["message"], ids
+
+
+def test_a_large_body_of_a_list_field_is_read_whole_and_ranked(gateway: Gateway) -> None:
+    """2,000 documents of ~1 KB: over the listener's 1 MiB buffer, which the filter's read of the
+    body would answer 413 but for the REST route's buffer limit."""
+    documents = [f"document {i}: " + "x" * 1010 for i in range(2000)]
+    documents[1234] = "Paris is the capital of France. " + "x" * 990
+    body = json.dumps({"query": "capital of France?", "documents": documents, "top_n": 1}).encode()
+    assert len(body) > 2_000_000
+    response = httpx.post(gateway.base_url + "/v2/rerank", content=body, timeout=120)
+    assert response.status_code == 200, response.text[:500]
+    assert [r["index"] for r in response.json()["results"]] == [1234]

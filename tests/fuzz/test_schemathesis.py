@@ -122,28 +122,24 @@ def _list_fields(case: Case[Any]) -> set[str]:
     return {name for name, field in properties.items() if "array" in field.get("type", ())}
 
 
-def reshapes_a_list(case: Case[Any]) -> bool:
-    """Whether the case's body has a list field that the transcoder's JSON parser reshapes rather
-    than refuses: one value instead of a list (read as a list of it), a null item (dropped) or a
-    list item (flattened)."""
+def one_value_for_a_list(case: Case[Any]) -> bool:
+    """Whether the case's body gives a list field one value instead of a list, which the
+    transcoder reads as a list of it, as OpenAI-compatible APIs read a string for a list of
+    strings. A null item or a list item of such a list is refused (envoy/openai_errors.lua)."""
     if not isinstance(case.body, dict):
         return False
     values = (case.body.get(name) for name in _list_fields(case))
-    return any(
-        not isinstance(value, list) or any(item is None or isinstance(item, list) for item in value)
-        for value in values
-        if value is not None
-    )
+    return any(value is not None and not isinstance(value, list) for value in values)
 
 
 def negative_data_rejection(ctx: CheckContext, response: Response, case: Case[Any]) -> bool | None:
-    """schemathesis' own check (a request that the document rules out gets a 4xx), but for a list
-    field that the transcoder reshapes (reshapes_a_list). That is a bug, not a false positive:
-    `"documents": [null, "Bananas.", "Paris."]` is ranked as ["Bananas.", "Paris."], so result
-    index 1 means Paris to the server and Bananas to the client; it is in Envoy's transcoder, not in
-    the server (which never sees the null), and is left to a fix that refuses such a body before it
-    is transcoded. Every other request that the document rules out must still be refused."""
-    if reshapes_a_list(case):
+    """schemathesis' own check (a request that the document rules out gets a 4xx), but for one
+    value given for a list field (one_value_for_a_list), which is accepted on purpose. Every other
+    request that the document rules out must be refused, a list with a null item or a list item
+    among them: the transcoder would drop the null or flatten the list (`"documents": [null,
+    "Bananas.", "Paris."]` ranked as ["Bananas.", "Paris."], result index 1 meaning Paris to the
+    server and Bananas to the client), so the Lua filter refuses such a body first."""
+    if one_value_for_a_list(case):
         return None
     result: bool | None = schemathesis.checks.negative_data_rejection(ctx, response, case)
     return result
