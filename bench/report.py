@@ -40,8 +40,10 @@ from bench.shared_phases import (
 )
 
 if TYPE_CHECKING:
-    # Only annotations need it: rendering the other benches does not import the Python client
+    # Only annotations need them. bench.json_floats imports this module (its phases and entry
+    # point are one module). Rendering the other benches does not import the Python client
     # (bench.rest_phases does), whose generated messages may lag behind the server's.
+    from bench.json_floats import JsonFloatsBench
     from bench.rest_phases import RestBench
 
 Row = tuple[str, ...]
@@ -704,11 +706,7 @@ def overload_verdict(bench: OverloadBench) -> list[str]:
             if not_serving := {s: n for s, n in phase.health.items() if s != "SERVING"}:
                 lines.append(f"  {name}, {phase.shape.label}: health checks not SERVING: {not_serving}")
     others = max(phase.other_cores for run in bench.runs.values() for phase in [run.capacity, *run.overloads])
-    if others > OTHER_CORES:
-        lines.append(
-            f"  WARNING: other processes used up to {others:.2f} cores during a phase: a neighbour took CPU, and "
-            "the two codes' figures compare no better than that: rerun on a quiet machine"
-        )
+    lines += others_warning(others)
     worst = max(bench.diffs.values())
     each = ", ".join(f"{k} {v:.1e}" for k, v in bench.diffs.items())
     lines.append(
@@ -716,3 +714,77 @@ def overload_verdict(bench: OverloadBench) -> list[str]:
         f"({verdict(worst < VECTOR_TOLERANCE, 'MISMATCH')}: {each})"
     )
     return lines
+
+
+# -- bench.json_floats ---------------------------------------------------------------------------
+
+
+def fixed(decimals: int) -> Callable[[float], str]:
+    """A number with `decimals` decimals and thousands separators."""
+    return lambda value: f"{value:,.{decimals}f}"
+
+
+# The rows of bench.json_floats' table: a figure of Pass.figures, its label, how it prints.
+JSON_FLOATS_ROWS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("bytes_per_float", "JSON body bytes per float", fixed(2)),
+    ("texts_per_s", "texts/s answered (wall)", rate_text),
+    ("floats_per_s", "floats/s answered (wall)", fixed(0)),
+    ("parse_s_per_mb", "json.loads CPU s per MB of body", fixed(4)),
+    ("parse_ns_per_float", "json.loads CPU ns per float", fixed(0)),
+    ("server_envoy_cpu_ms_per_text", "server + Envoy CPU ms per text", fixed(3)),
+    ("server_cpu_ms_per_text", "  server", fixed(3)),
+    ("envoy_cpu_ms_per_text", "  Envoy", fixed(3)),
+    ("bench_cpu_ms_per_text", "bench (client) CPU ms per text", fixed(3)),
+    ("cores_used", "cores used: bench + server + Envoy", ratio_text),
+    ("idle_code_cores", "cores used by the other code's server + Envoy", ratio_text),
+    ("other_cores", "cores used by the rest of the machine", ratio_text),
+)
+# Rows whose new/old means nothing: shares of the machine near 0, which say how quiet it was.
+JSON_FLOATS_UNRATIOED = frozenset({"idle_code_cores", "other_cores"})
+
+
+def json_floats_report(args: argparse.Namespace, bench: JsonFloatsBench) -> list[str]:
+    """The report of bench.json_floats, line by line."""
+    low, high = bench.words
+    heading = (
+        f'JSON floats bench: POST /v1/embeddings, "encoding_format": "float", through Envoy; {args.texts} texts '
+        f"(seed {args.seed}, {low}-{high} words), {args.clients} clients x {args.request_size} texts, {args.model} "
+        f"({bench.dimension} floats a text), {os.cpu_count()} cores; {args.rounds} round(s), medians (min-max)"
+    )
+    rows = [
+        (label, spread_cell(bench.spread(name, NEW), fmt), spread_cell(bench.spread(name, OLD), fmt),
+         "" if name in JSON_FLOATS_UNRATIOED else spread_cell(bench.ratio(name), ratio_text))
+        for name, label, fmt in JSON_FLOATS_ROWS
+    ]  # fmt: skip
+    header = ("per pass of the corpus", f"new {bench.commits[NEW]}", f"old {bench.commits[OLD]}", "new/old")
+    cores = [p.figures()["cores_used"] for p in bench.passes]
+    return [
+        "",
+        heading,
+        "  new/old ratios are taken round by round; only ratios within one run compare (the machine is shared)",
+        "",
+        *table(rows, header),
+        "",
+        *json_floats_verdict(bench),
+        *cores_warning(cores, cpu_column_note=False),
+        *others_warning(max(p.figures()["other_cores"] for p in bench.passes)),
+    ]
+
+
+def others_warning(others: float) -> list[str]:
+    """A warning when processes other than those measured used more than OTHER_CORES cores."""
+    if others <= OTHER_CORES:
+        return []
+    return [
+        f"  WARNING: other processes used up to {others:.2f} cores during a phase: a neighbour took CPU, and "
+        "the two codes' figures compare no better than that: rerun on a quiet machine"
+    ]
+
+
+def json_floats_verdict(bench: JsonFloatsBench) -> list[str]:
+    """Whether every float the new code answered, cast to float32, is the old code's."""
+    c = bench.check
+    return [
+        f"vectors: the new code's floats, cast to float32, against the old code's for the same texts: {c.differing:,} "
+        f"of {c.floats:,} differ (max |diff| {c.max_abs_diff:.1e}): {verdict(c.differing == 0, 'MISMATCH')}"
+    ]

@@ -25,8 +25,10 @@ from bench.shared_phases import (
 )
 
 if TYPE_CHECKING:
-    # Only annotations need it: rendering the other benches does not import the Python client
+    # Only annotations need them. bench.json_floats imports this module (its phases and entry
+    # point are one module). Rendering the other benches does not import the Python client
     # (bench.rest_phases does), whose generated messages may lag behind the server's.
+    from bench.json_floats import JsonFloatsBench
     from bench.rest_phases import RestBench
 
 
@@ -305,4 +307,32 @@ def overload_code_json(run: CodeRun) -> dict[str, Any]:
             }
             for o in run.overloads
         ],
+    }
+
+
+# -- bench.json_floats ---------------------------------------------------------------------------
+
+
+def json_floats_summary(args: argparse.Namespace, bench: JsonFloatsBench) -> dict[str, Any]:
+    """bench.json_floats' summary: the run's shape, each code's figures over the rounds, new/old,
+    every pass, and the vector check."""
+    names = list(bench.passes[0].figures())
+    return {
+        "bench": "json_floats_bench",
+        "model": args.model,
+        "dimension": bench.dimension,
+        "texts": args.texts,
+        "words": list(bench.words),
+        "seed": args.seed,
+        "rounds": args.rounds,
+        "batch_size": args.batch_size,
+        "request_size": args.request_size,
+        "clients": args.clients,
+        "cores": os.cpu_count(),
+        "commits": bench.commits,
+        "figures": {code: {name: asdict(bench.spread(name, code)) for name in names} for code in CODES},
+        "new_over_old": {name: asdict(bench.ratio(name)) for name in names},
+        "passes": [{**asdict(p), **p.figures()} for p in bench.passes],
+        "vectors_new_vs_old": asdict(bench.check),
+        "max_abs_diff": bench.diffs,
     }
