@@ -150,7 +150,11 @@ def usage(value: domain.Usage) -> pb.Usage:
 def timing(value: domain.Timing) -> pb.Timing:
     """domain.Timing as sent on the wire."""
     return pb.Timing(
-        queue_ms=value.queue_ms, tokenize_ms=value.tokenize_ms, inference_ms=value.inference_ms, total_ms=value.total_ms
+        queue_ms=value.queue_ms,
+        tokenize_ms=value.tokenize_ms,
+        inference_ms=value.inference_ms,
+        total_ms=value.total_ms,
+        cached_inputs=value.cached_inputs,
     )
 
 

@@ -15,7 +15,8 @@ where it happens, and the layers below stay free of Prometheus:
   `Timing` of each answer (`EngineObserver.answered`), streamed requests included;
 * forward passes (inputs, tokens, padded tokens, seconds) and refusals for want of queue room:
   each model's scheduler (`SchedulerObserver`); refusals by the concurrency limits: WorkLimiter;
-* queue depth and calls in flight: read from the scheduler and the limiter at scrape time.
+* queue depth and calls in flight: read from the scheduler and the limiter at scrape time;
+* the vector cache's hits, misses and bytes: read from the engine's cache at scrape time.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from embedserve.engine.engine import Engine
+from embedserve.engine.kinds import DENSE
+from embedserve.engine.registry import is_kind
 from embedserve.engine.types import Priority, Result
 from embedserve.intercept import ServiceInterceptor
 from embedserve.limits import WorkLimiter
@@ -95,6 +98,7 @@ class ServerMetrics:
         for reason in LIMIT_REASONS:
             self.shed.labels("", reason)
         self.registry.register(_Queues(engine))
+        self.registry.register(_VectorCache(engine))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         engine.observer = self
@@ -263,6 +267,41 @@ class _Queues(Collector):
             if scheduler.queue_tokens is not None:
                 max_tokens.add_metric([model.id], scheduler.queue_tokens)
         yield from (inputs, tokens, max_inputs, max_tokens)
+
+
+class _VectorCache(Collector):
+    """The engine's vector cache: inputs it answered and those computed, per dense model, and
+    the bytes it holds against its bound."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        cache = self._engine.vectors
+        hits = CounterMetricFamily(
+            "embedserve_vector_cache_hits",
+            "Inputs of dense requests answered without a forward pass of their own: found in the vector cache, "
+            "or repeating an earlier input of the request, by model.",
+            labels=["model"],
+        )
+        misses = CounterMetricFamily(
+            "embedserve_vector_cache_misses",
+            "Inputs of dense requests computed by a forward pass (each distinct text of a request once), by model.",
+            labels=["model"],
+        )
+        for model in self._engine.registry:
+            if is_kind(model, DENSE):
+                hits.add_metric([model.id], cache.hits[model.id])
+                misses.add_metric([model.id], cache.misses[model.id])
+        held = GaugeMetricFamily(
+            "embedserve_vector_cache_bytes", "Bytes the vector cache holds: vectors, keys and their overhead."
+        )
+        held.add_metric([], cache.bytes_held)
+        bound = GaugeMetricFamily("embedserve_vector_cache_max_bytes", "VECTOR_CACHE_BYTES; 0: the cache is off.")
+        bound.add_metric([], cache.max_bytes)
+        entries = GaugeMetricFamily("embedserve_vector_cache_entries", "Vectors the vector cache holds.")
+        entries.add_metric([], len(cache))
+        yield from (hits, misses, held, bound, entries)
 
 
 class _Limits(Collector):

@@ -1,4 +1,5 @@
-"""The request path: validate, tokenize, schedule, turn results into answers."""
+"""The request path: validate, look up the vector cache, tokenize, schedule, turn results into
+answers."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from embedserve.backends.base import FloatArray
 from embedserve.engine import results, validation
 from embedserve.engine.kinds import RERANK
 from embedserve.engine.registry import Registry, ServedModel, is_kind
@@ -26,7 +29,9 @@ from embedserve.engine.types import (
     Result,
     SparseParams,
     SparseResult,
+    Usage,
 )
+from embedserve.engine.vector_cache import Plan, VectorCache, model_identity
 from embedserve.errors import InvalidInputError
 from embedserve.kinds import Capability
 from embedserve.settings import Settings
@@ -36,6 +41,17 @@ R = TypeVar("R")
 AnyResult = TypeVar("AnyResult", bound=Result)
 
 NO_CALL = Call()  # a request with no deadline, tenant or metadata (in-process callers)
+
+
+@dataclass(frozen=True)
+class Dense:
+    """The pooled vectors of a request's texts and what they cost: the cache's and the computed."""
+
+    rows: list[FloatArray]
+    usage: Usage
+    tokenize_s: float
+    job: Job[Tokens, FloatArray] | None  # None: the cache held every text
+    cached: int  # inputs not computed for themselves (`Plan.cached`)
 
 
 class EngineObserver(Protocol):
@@ -57,6 +73,18 @@ class Engine:
         self.registry = registry
         self._tokenize_pool = tokenize_pool
         self.observer: EngineObserver | None = None
+        self.vectors = VectorCache(settings.vector_cache_bytes)
+        self._identities = {
+            m.id: model_identity(
+                m.id,
+                m.backend.info.name,
+                m.backend.info.provider,
+                m.backend.info.dtype,
+                m.config.pooling,
+                str(m.config.path),
+            )
+            for m in registry
+        }
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -121,15 +149,13 @@ class Engine:
         prefix = validation.prompt_prefix(params, model.id, model.config)
         texts = [prefix + t for t in params.inputs] if prefix else list(params.inputs)
         lane = self.lane(params.priority, call, len(params.inputs), streamed=wait)
-        ticket = await self._reserve(model, len(texts), model.tokenizer.estimate(texts), lane, wait)
-        tokenized, tokenize_s = await self._tokenize(model, ticket, texts, params.truncate)
-        rows, job = await self._run(model, tokenized, call, lane, ticket)
+        dense = await self._dense(model, texts, params.truncate, call, lane, wait)
         return self._answered(
             EmbedResult(
-                vectors=results.vectors(rows, params, model.config.normalize),
+                vectors=results.vectors(dense.rows, params, model.config.normalize),
                 model=model.id,
-                usage=results.usage(tokenized),
-                timing=results.timing(arrived, tokenize_s, job),
+                usage=dense.usage,
+                timing=results.timing(arrived, dense.tokenize_s, dense.job, dense.cached),
             )
         )
 
@@ -183,22 +209,22 @@ class Engine:
             )
             logits, job = await self._run(model, tokenized, call, lane, ticket)
             scores = results.cross_encoder_scores(logits, params.raw_scores)
+            usage, timing = results.usage(tokenized), results.timing(arrived, tokenize_s, job)
         else:  # bi-encoder: cosine between the query's vector and each document's
             query_prompt, document_prompt = validation.document_prompts(model.config)
             texts = [query_prompt + params.query, *(document_prompt + d for d in params.documents)]
-            ticket = await self._reserve(model, len(texts), model.tokenizer.estimate(texts), lane)
-            tokenized, tokenize_s = await self._tokenize(
-                model, ticket, texts, params.truncate, name=lambda i: "the query" if i == 0 else f"documents[{i - 1}]"
+            dense = await self._dense(
+                model,
+                texts,
+                params.truncate,
+                call,
+                lane,
+                name=lambda i: "the query" if i == 0 else f"documents[{i - 1}]",
             )
-            rows, job = await self._run(model, tokenized, call, lane, ticket)
-            scores = results.cosine_scores(rows)
+            scores = results.cosine_scores(dense.rows)
+            usage, timing = dense.usage, results.timing(arrived, dense.tokenize_s, dense.job, dense.cached)
         return self._answered(
-            RerankResult(
-                results=results.ranking(scores, params),
-                model=model.id,
-                usage=results.usage(tokenized),
-                timing=results.timing(arrived, tokenize_s, job),
-            )
+            RerankResult(results=results.ranking(scores, params), model=model.id, usage=usage, timing=timing)
         )
 
     # -- steps -------------------------------------------------------------------------
@@ -214,6 +240,40 @@ class Engine:
         if self.observer is not None:
             self.observer.answered(result)
         return result
+
+    async def _dense(
+        self,
+        model: ServedModel[Any],
+        texts: list[str],
+        truncate: bool,
+        call: Call,
+        lane: Priority,
+        wait: bool = False,
+        name: Callable[[int], str] = "inputs[{}]".format,
+    ) -> Dense:
+        """The pooled vector of every text (as the model reads it, prompt included): those the
+        vector cache holds from it, the others tokenized and computed, each distinct text once,
+        then cached. Only those take room in the queue; a request the cache answers whole takes
+        none, and is never refused for want of it."""
+        plan = Plan(self.vectors, self._identities[model.id], texts, truncate)
+        if not plan.todo:
+            self._count_cached(model.id, plan)
+            return Dense(plan.rows([]), Usage(*plan.tokens([], [])), 0.0, None, plan.cached)
+        ticket = await self._reserve(model, len(plan.todo), model.tokenizer.estimate(plan.todo), lane, wait)
+        tokenized, tokenize_s = await self._tokenize(
+            model, ticket, plan.todo, truncate, name=lambda j: name(plan.first[j])
+        )
+        computed, job = await self._run(model, tokenized, call, lane, ticket)
+        cut = set(tokenized.truncated)
+        for j, key in enumerate(plan.keys):
+            self.vectors.put(key, computed[j], tokenized.lengths[j], j in cut)
+        self._count_cached(model.id, plan)
+        usage = Usage(*plan.tokens(tokenized.lengths, tokenized.truncated))
+        return Dense(plan.rows(computed), usage, tokenize_s, job, plan.cached)
+
+    def _count_cached(self, model: str, plan: Plan) -> None:
+        self.vectors.hits[model] += plan.cached
+        self.vectors.misses[model] += len(plan.todo)
 
     @staticmethod
     async def _reserve(model: ServedModel[Any], inputs: int, tokens: int, lane: Priority, wait: bool = False) -> Ticket:

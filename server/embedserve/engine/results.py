@@ -64,11 +64,13 @@ def usage(tokenized: Tokenized) -> Usage:
     return Usage(prompt_tokens=tokenized.tokens, truncated_inputs=len(tokenized.truncated))
 
 
-def timing(arrived: float, tokenize_s: float, job: Job[Tokens, Any]) -> Timing:
-    """Where the request's time went, from its arrival until now."""
+def timing(arrived: float, tokenize_s: float, job: Job[Tokens, Any] | None, cached_inputs: int = 0) -> Timing:
+    """Where the request's time went, from its arrival until now; job None: it ran no forward
+    pass (the vector cache answered every input)."""
     return Timing(
-        queue_ms=(job.last_batch_started_at - job.admitted_at) * 1e3,
+        queue_ms=0.0 if job is None else (job.last_batch_started_at - job.admitted_at) * 1e3,
         tokenize_ms=tokenize_s * 1e3,
-        inference_ms=job.inference_s * 1e3,
+        inference_ms=0.0 if job is None else job.inference_s * 1e3,
         total_ms=(time.monotonic() - arrived) * 1e3,
+        cached_inputs=cached_inputs,
     )

@@ -90,6 +90,9 @@ class Timing:
     tokenize_ms: float
     inference_ms: float
     total_ms: float
+    # Inputs answered without a forward pass of their own: their vector was in the vector cache,
+    # or they repeat an earlier input of the request. 0 for the kinds the cache does not serve.
+    cached_inputs: int = 0
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,8 @@ def request_id(context: Context) -> str:
 
 
 def timing_headers(response: object) -> list[headers.Header]:
-    """TEI's timing headers for an answer that reports its timing (whole milliseconds) and usage."""
+    """TEI's timing headers for an answer that reports its timing (whole milliseconds) and usage,
+    and how many of its inputs were cached."""
     timing = getattr(response, "timing", None)
     if timing is None:
         return []
@@ -70,6 +71,8 @@ def timing_headers(response: object) -> list[headers.Header]:
         "x-compute-time": timing.tokenize_ms + timing.inference_ms,
     }
     found = [(name, str(round(value))) for name, value in ms.items()]
+    # Not TEI's: inputs the vector cache (or an earlier input of the request) answered.
+    found.append(("x-cached-inputs", str(timing.cached_inputs)))
     usage = getattr(response, "usage", None)
     if usage is not None:
         found.append(("x-compute-tokens", str(usage.total_tokens)))
