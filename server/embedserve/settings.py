@@ -374,7 +374,7 @@ class Settings:
         dataclasses.MISSING,
         "EMBEDSERVE_CACHE_DIR",
         path,
-        "where ONNX exports are cached",
+        "where ONNX exports, and the startup timings of each model's forward pass, are cached",
         factory=lambda: Path.home() / ".cache" / "embedserve",
     )
     grace_period: float = setting(10.0, "GRACE_PERIOD", seconds, "seconds in-flight RPCs get to finish after SIGTERM")

@@ -25,6 +25,9 @@ class BackendInfo:
     # Fixed cost of one more forward pass (launch, session overhead) in token-equivalents;
     # the scheduler trades it against padding when it cuts batches.
     batch_overhead_tokens: int = 32
+    # What the backend runs, for what is kept keyed on it: the ONNX export's folder (named by the
+    # hash of the model and the export's format); "" where the model's own files are run.
+    artifact: str = ""
 
     @property
     def on_cuda(self) -> bool:

@@ -243,7 +243,11 @@ class OnnxBackend(Backend):
         # MiniLM work; on a GPU a launch costs far more than a few tokens.
         overhead = 512 if on_cuda else 24
         self.info = BackendInfo(
-            name="onnx", provider=self._session.get_providers()[0], dtype=dtype, batch_overhead_tokens=overhead
+            name="onnx",
+            provider=self._session.get_providers()[0],
+            dtype=dtype,
+            batch_overhead_tokens=overhead,
+            artifact=str(model_file.parent),
         )
 
     def forward(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray) -> FloatArray:

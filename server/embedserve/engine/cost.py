@@ -121,6 +121,13 @@ def _non_negative_least_squares(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
     return best
 
 
+def warm_up(backend: Backend) -> None:
+    """One small forward pass, untimed: the first one allocates what the runtime keeps, so that
+    no request pays for it."""
+    ids = np.full((1, 16), 100, dtype=np.int64)
+    backend.forward(ids, np.ones_like(ids), np.zeros_like(ids))
+
+
 def calibrate(backend: Backend, max_batch_size: int, max_tokens: int, max_batch_tokens: int) -> list[Measured]:
     """Times the backend's forward pass on a few batch shapes within the limits (the best of
     two runs each, after one untimed); what `BatchCost.calibrate` takes."""

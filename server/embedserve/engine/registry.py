@@ -11,7 +11,8 @@ from typing import Any, Generic, TypeGuard, TypeVar
 
 from embedserve.backends import Backend, expects_cuda, load_backend
 from embedserve.backends.config import ModelConfig, load_model_config
-from embedserve.engine.cost import BatchCost, calibrate
+from embedserve.engine.calibration import cached_measurement, model_files
+from embedserve.engine.cost import BatchCost, calibrate, warm_up
 from embedserve.engine.kinds import DENSE, KINDS, SPARSE, KindSpec, serving
 from embedserve.engine.scheduler import BatchLimits, Lanes, Scheduler
 from embedserve.engine.threads import lower_new_threads
@@ -168,17 +169,35 @@ def load_served_model(wanted: ModelSettings, settings: Settings) -> ServedModel[
     model_lanes = lanes(settings, backend.info.on_cuda)
     cost = BatchCost()
     calibrating = time.monotonic()
-    cost.calibrate(calibrate(backend, wanted.batch_size, config.max_input_tokens, batch_tokens))
+    identity = {
+        "model": wanted.name,
+        "path": str(path),
+        "files": model_files(path),
+        "graph": repr(kind.graph),
+        "backend": [backend.info.name, backend.info.provider, backend.info.dtype, backend.info.artifact],
+        "threads": threads,
+        "limits": [wanted.batch_size, config.max_input_tokens, batch_tokens],
+    }
+    measured, kept_in = cached_measurement(
+        settings.cache_dir,
+        identity,
+        lambda: calibrate(backend, wanted.batch_size, config.max_input_tokens, batch_tokens),
+    )
+    if kept_in is not None:
+        warm_up(backend)
+    cost.calibrate(measured)
     limits = BatchLimits(
         max_batch_size=wanted.batch_size,
         max_batch_tokens=batch_tokens,
         batch_overhead_tokens=cost.overhead_tokens() or backend.info.batch_overhead_tokens,
     )
     log.info(
-        "model %s: forward pass costs %s (measured in %.1f s; overhead %d token-equivalents per batch)",
+        "model %s: forward pass costs %s (%s; overhead %d token-equivalents per batch)",
         wanted.name,
         cost.describe(),
-        time.monotonic() - calibrating,
+        f"measured at an earlier start on this machine, kept in {kept_in}; remove it to measure again"
+        if kept_in is not None
+        else f"measured in {time.monotonic() - calibrating:.1f} s",
         limits.batch_overhead_tokens,
     )
     rate = throughput(cost, limits, config.max_input_tokens, workers)
