@@ -1,0 +1,496 @@
+"""Accurate int8 (issue 12): each int8 recipe built from the default dense model's fp32 export,
+its throughput in process against fp32 (the server's threads, the same length-sorted batches,
+rounds alternating the order), and its cosine to fp32 on a seeded corpus and on hard cases
+(non-Latin scripts, emoji, 1-3 words, inputs cut at the model's max tokens), none of them in
+the calibration file that the static and smoothed recipes use (bench/int8_calibration.txt).
+
+Usage: flock /tmp/embedserve-bench.lock .venv/bin/python -m bench.int8 [--texts 512] [--accuracy-texts 1000]
+
+It imports embedserve's tokenizer and pooling directly, as bench.inprocess does:
+a variant is an ONNX file, not a dtype the server's backend can load. Built variants are kept under
+--cache-dir/bench-models/int8/ (named after the fp32 export and RECIPES_VERSION).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from bench.harness import FloatArray, make_corpus, step
+from bench.inprocess import DEFAULT_DENSE_MODEL, cpu_session, dense_model_files, server_defaults, server_forward_setup
+from bench.report import table
+from embedserve.backends.base import IntArray
+from embedserve.backends.config import load_model_config
+from embedserve.engine.kinds import DENSE
+from embedserve.engine.pooling import normalize
+from embedserve.engine.tokenizer import TextTokenizer
+from embedserve.models import resolve_model_path
+
+RECIPES_VERSION = 1  # bump when a recipe changes, so that its cached file is rebuilt
+CALIBRATION_FILE = Path(__file__).with_name("int8_calibration.txt")
+TARGET_MIN, TARGET_MEAN, TARGET_SPEED = 0.99, 0.995, 1.8
+Batch = tuple[IntArray, IntArray, IntArray]
+
+# -- hard cases ----------------------------------------------------------------------------------
+
+# Words of four scripts the calibration file also holds, but never these texts. Cyrillic letters
+# that look Latin are the point here, hence the noqa.
+SCRIPTS = {
+    "chinese": "我们 今天 天气 城市 学校 老师 学生 音乐 电影 工作 时间 问题 世界 国家 公司 朋友 家庭 手机 电脑 "
+    "网络 数据 模型 服务器 搜索 文件 语言 历史 科学 经济 市场 新闻 河流 山 水 火车 飞机 早上 晚上 吃饭 "
+    "喜欢 非常 很 的 了 在 是 有 和 不 这个 那个 什么 为什么 怎么",
+    "arabic": "مرحبا اليوم الطقس المدينة المدرسة المعلم الطالب الموسيقى العمل الوقت السؤال العالم البلد الشركة صديق "
+    "العائلة الهاتف الحاسوب الشبكة البيانات البحث اللغة التاريخ العلم الاقتصاد السوق الأخبار النهر الجبل الماء القطار "
+    "الصباح المساء جميل كبير صغير جديد في من على مع هذا هذه كان يكون لا نعم",
+    "hindi": "नमस्ते आज मौसम शहर स्कूल शिक्षक छात्र संगीत फिल्म काम समय सवाल दुनिया देश कंपनी दोस्त परिवार फोन कंप्यूटर "
+    "नेटवर्क डेटा खोज भाषा इतिहास विज्ञान बाजार खबर नदी पहाड़ पानी ट्रेन सुबह शाम अच्छा बड़ा छोटा नया में से पर और है था "
+    "नहीं यह वह का की के",
+    "russian": "привет сегодня погода город школа учитель студент музыка фильм работа время вопрос мир страна "
+    "компания друг семья телефон компьютер сеть данные поиск язык история наука экономика рынок новости "
+    "река гора вода поезд утро вечер хороший большой маленький новый в на с и не это был очень потому что",  # noqa: RUF001
+}
+EMOJI = "😀 😂 ❤️ 👍 🎉 🔥 🚀 🌍 🍕 🐱 😢 🤔 ✅ ⚠️ 🙏 💡 📈 🎵 ☕ 🌧️ 👨‍👩‍👧 🏳️‍🌈 🇯🇵 🥳 😴".split()
+
+
+def script_texts(words: Sequence[str], count: int, rng: random.Random, joiner: str) -> list[str]:
+    """Sentences of 3-40 words drawn from `words`."""
+    return [joiner.join(rng.choice(words) for _ in range(rng.randint(3, 40))) for _ in range(count)]
+
+
+def emoji_texts(count: int, rng: random.Random) -> list[str]:
+    """Corpus-style sentences with emoji mixed in, and strings of emoji alone, half and half."""
+    texts = []
+    for i, text in enumerate(make_corpus(count, rng.randrange(1 << 30), 3, 30)):
+        if i % 2:
+            texts.append("".join(rng.choice(EMOJI) for _ in range(rng.randint(1, 8))))
+        else:
+            words = text.split()
+            for _ in range(rng.randint(1, 5)):
+                words.insert(rng.randrange(len(words) + 1), rng.choice(EMOJI))
+            texts.append(" ".join(words))
+    return texts
+
+
+def short_texts(count: int, rng: random.Random) -> list[str]:
+    """1-3 words, from the corpus' words and the scripts'."""
+    pools = [make_corpus(1, rng.randrange(1 << 30), 40, 40)[0].split()] + [s.split() for s in SCRIPTS.values()]
+    return [" ".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 3))) for _ in range(count)]
+
+
+def hard_cases(count: int, seed: int) -> dict[str, list[str]]:
+    """`count` texts of each hard kind; the same seed gives the same texts."""
+    rng = random.Random(seed)
+    cases = {
+        name: script_texts(words.split(), count, rng, "" if name == "chinese" else " ")
+        for name, words in SCRIPTS.items()
+    }
+    cases["emoji"] = emoji_texts(count, rng)
+    cases["short"] = short_texts(count, rng)
+    cases["truncated"] = make_corpus(count, rng.randrange(1 << 30), 300, 400)  # > 256 tokens, cut
+    return cases
+
+
+# -- the recipes ---------------------------------------------------------------------------------
+
+Build = Callable[[Path, Path], None]  # fp32 model file, output file
+
+
+def matmuls(model_file: Path) -> list[str]:
+    """Names of the MatMul nodes with a constant weight (the ones a recipe may quantize)."""
+    import onnx
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)]
+
+
+def select(names: Sequence[str], pattern: str) -> list[str]:
+    """The names that match the regular expression `pattern`."""
+    return [n for n in names if re.search(pattern, n)]
+
+
+def layers(names: Sequence[str]) -> list[int]:
+    """Encoder layer numbers found in the MatMul names."""
+    return sorted({int(m.group(1)) for n in names if (m := re.search(r"layer\.(\d+)/", n))})
+
+
+def dynamic(exclude: Callable[[list[str]], list[str]] | None = None, **options: Any) -> Build:
+    """quantize_dynamic, int8 per-channel weights on MatMuls, without the nodes `exclude` picks."""
+
+    def build(source: Path, target: Path) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        names = matmuls(source)
+        quantize_dynamic(
+            str(source),
+            str(target),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=exclude(names) if exclude else None,
+            **options,
+        )
+
+    return build
+
+
+class CalibrationTexts:
+    """The shipped calibration sentences, one feed each (no padding to skew the ranges)."""
+
+    def __init__(self, tokenizer: TextTokenizer, one_batch: bool = False) -> None:
+        texts = [line for line in CALIBRATION_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+        encoded = tokenizer.encode(texts).encoded
+        # Histogram calibrators stack every feed, so they need one shape: one padded batch (the
+        # padding's activations count too); MinMax gets one text a feed, with no padding.
+        groups = [encoded] if one_batch else [[e] for e in encoded]
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        self.feeds = [dict(zip(keys, tokenizer.collate(g), strict=True)) for g in groups]
+        self._iter: Iterator[dict[str, IntArray]] = iter(self.feeds)
+
+    def get_next(self) -> dict[str, IntArray] | None:
+        """The next feed (onnxruntime's CalibrationDataReader)."""
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        """Starts over."""
+        self._iter = iter(self.feeds)
+
+
+def static(method: str, activation: str, tokenizer: TextTokenizer, **extra: Any) -> Build:
+    """quantize_static, QDQ, int8 per-channel weights on MatMuls and `activation` (QUInt8 or QInt8)
+    activations calibrated by `method` on the shipped calibration file."""
+
+    def build(source: Path, target: Path) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        quantize_static(
+            str(source),
+            str(target),
+            CalibrationTexts(tokenizer, one_batch=method != "MinMax"),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            activation_type=QuantType[activation],
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod[method],
+            extra_options={"MatMulConstBOnly": True, **extra},
+        )
+
+    return build
+
+
+def channel_max(model_file: Path, tensors: Sequence[str], tokenizer: TextTokenizer) -> dict[str, FloatArray]:
+    """The largest |value| of each channel (last axis) of `tensors` over the calibration texts."""
+    import onnx
+
+    model = onnx.load(str(model_file))
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(
+        onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors if t not in known
+    )
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    maxes: dict[str, FloatArray] = {}
+    for feed in CalibrationTexts(tokenizer).feeds:
+        for name, value in zip(tensors, session.run(list(tensors), feed), strict=True):
+            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            maxes[name] = np.maximum(maxes[name], peak) if name in maxes else peak
+    return maxes
+
+
+def smooth(source: Path, target: Path, tokenizer: TextTokenizer, alpha: float) -> None:
+    """SmoothQuant, offline: for each activation feeding weight MatMuls, divides channel j by
+    s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) (a Mul before the MatMuls) and multiplies weight row
+    j by s_j, so the product is unchanged in fp32 and the activation's outlier channels no longer
+    set the per-tensor int8 scale alone."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    weights = {i.name: i for i in model.graph.initializer}
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights:
+            groups.setdefault(node.input[0], []).append(node)
+    peaks = channel_max(source, list(groups), tokenizer)
+    nodes = list(model.graph.node)
+    for k, (x, consumers) in enumerate(groups.items()):
+        arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in consumers]
+        w_peak = np.max([np.abs(a).max(axis=1) for a in arrays], axis=0)
+        scale = (np.maximum(peaks[x], 1e-5) ** alpha / np.maximum(w_peak, 1e-5) ** (1 - alpha)).astype(np.float32)
+        for node, array in zip(consumers, arrays, strict=True):
+            weights[node.input[1]].CopyFrom(numpy_helper.from_array(array * scale[:, None], node.input[1]))
+            node.input[0] = f"{x}_smoothed"
+        model.graph.initializer.append(numpy_helper.from_array(1.0 / scale, f"smooth_{k}"))
+        mul = onnx.helper.make_node("Mul", [x, f"smooth_{k}"], [f"{x}_smoothed"], name=f"/smooth_{k}/Mul")
+        nodes.insert(min(nodes.index(n) for n in consumers), mul)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(target))
+
+
+def smoothed(alpha: float, tokenizer: TextTokenizer, then: Build) -> Build:
+    """`then` applied to the model smoothed with `alpha` (smooth)."""
+
+    def build(source: Path, target: Path) -> None:
+        middle = target.with_suffix(".smooth.onnx")
+        smooth(source, middle, tokenizer, alpha)
+        then(middle, target)
+        middle.unlink()
+
+    return build
+
+
+def edges(names: list[str]) -> list[str]:
+    """The first and the last encoder layer's MatMuls."""
+    first, last = layers(names)[0], layers(names)[-1]
+    return select(names, rf"layer\.({first}|{last})/")
+
+
+def sensitive(names: list[str]) -> list[str]:
+    """First and last layer, every query/key projection, and the last FFN output (before pooling)."""
+    last = layers(names)[-1]
+    return sorted(set(edges(names) + select(names, r"/(query|key)/") + select(names, rf"layer\.{last}/output/dense")))
+
+
+def recipes(tokenizer: TextTokenizer) -> dict[str, tuple[str, Build]]:
+    """Every variant measured: name -> (what it is, how it is built)."""
+    return {
+        "dyn": ("quantize_dynamic, per-channel S8 weights, all weight MatMuls (DTYPES=int8 today)", dynamic()),
+        "dyn-reduce": ("dyn with reduce_range (7-bit weights)", dynamic(reduce_range=True)),
+        "dyn-no-edges": ("dyn without the first and last layer's MatMuls", dynamic(edges)),
+        "dyn-no-qk": ("dyn without the query/key projections", dynamic(lambda n: select(n, r"/(query|key)/"))),
+        "dyn-no-ffn-out": ("dyn without the FFN output MatMuls", dynamic(lambda n: select(n, r"/output/dense"))),
+        "dyn-no-sensitive": ("dyn without first/last layer, Q/K and last FFN output", dynamic(sensitive)),
+        "dyn-ffn-only": (
+            "dyn on the FFN MatMuls only (intermediate + output dense)",
+            dynamic(lambda n: select(n, r"attention/")),
+        ),
+        "dyn-smooth-0.5": ("dyn after SmoothQuant smoothing, alpha 0.5", smoothed(0.5, tokenizer, dynamic())),
+        "dyn-smooth-0.7": ("dyn after SmoothQuant smoothing, alpha 0.7", smoothed(0.7, tokenizer, dynamic())),
+        "static-minmax-u8": ("quantize_static QDQ, MinMax, U8 activations", static("MinMax", "QUInt8", tokenizer)),
+        "static-minmax-s8": ("quantize_static QDQ, MinMax, S8 activations", static("MinMax", "QInt8", tokenizer)),
+        "static-pct-u8": (
+            "quantize_static QDQ, Percentile 99.999, U8 activations",
+            static("Percentile", "QUInt8", tokenizer),
+        ),
+        "static-entropy-u8": ("quantize_static QDQ, Entropy, U8 activations", static("Entropy", "QUInt8", tokenizer)),
+    }
+
+
+def built(name: str, build: Build, fp32: Path, cache_dir: Path) -> Path:
+    """The variant's model file, built from `fp32` the first time."""
+    target = cache_dir / "bench-models" / "int8" / f"{fp32.parent.name}-{name}-v{RECIPES_VERSION}.onnx"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = target.with_suffix(".part.onnx")
+        step(f"building {name}")
+        build(fp32, work)
+        work.replace(target)
+    return target
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    """One variant: texts/s per round, ratio to fp32 per round, and cosines to fp32 per corpus."""
+
+    what: str
+    rates: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    cosines: dict[str, FloatArray] = field(default_factory=dict)
+
+
+class Texts:
+    """Tokenizes texts with the server's tokenizer, into length-sorted batches, and pools as it does."""
+
+    def __init__(self) -> None:
+        path = resolve_model_path(DEFAULT_DENSE_MODEL)
+        self.config = load_model_config(path)
+        self.tokenizer = TextTokenizer(path, self.config.max_input_tokens)
+
+    def batches(self, texts: Sequence[str], batch_size: int) -> list[Batch]:
+        """`texts` sorted by token count and collated `batch_size` at a time."""
+        encoded = sorted(self.tokenizer.encode(list(texts)).encoded, key=len)
+        return [self.tokenizer.collate(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]
+
+    def vectors(self, session: ort.InferenceSession, batches: Sequence[Batch]) -> FloatArray:
+        """The normalized pooled vectors of every row, batch after batch."""
+        rows = []
+        for ids, mask, types in batches:
+            hidden = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+            rows.extend(DENSE.outputs(np.asarray(hidden, dtype=np.float32), mask, self.config))
+        return normalize(np.stack(rows))
+
+
+def run_batches(session: ort.InferenceSession, batches: Sequence[Batch]) -> float:
+    """Seconds to run every batch once."""
+    start = time.perf_counter()
+    for ids, mask, types in batches:
+        session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+    return time.perf_counter() - start
+
+
+def measure_speed(
+    sessions: dict[str, ort.InferenceSession],
+    batches: list[Batch],
+    texts: int,
+    rounds: int,
+    results: dict[str, Measured],
+) -> None:
+    """Each round runs fp32 and then every variant over the same batches, in reverse order in
+    even rounds; a variant's ratio is to that round's fp32 pass."""
+    for session in sessions.values():
+        run_batches(session, batches[:2])  # warm-up: first-run allocations
+    for r in range(rounds):
+        step(f"throughput round {r + 1}/{rounds}")
+        order = list(sessions) if r % 2 == 0 else list(sessions)[::-1]
+        seconds = {name: run_batches(sessions[name], batches) for name in order}
+        for name in sessions:
+            results[name].rates.append(texts / seconds[name])
+            results[name].ratios.append(seconds["fp32"] / seconds[name])
+
+
+def measure_accuracy(
+    sessions: dict[str, ort.InferenceSession],
+    corpora: dict[str, list[Batch]],
+    texts: Texts,
+    results: dict[str, Measured],
+) -> None:
+    """Cosine of each variant's vector to fp32's, per text, on every corpus."""
+    for corpus, batches in corpora.items():
+        step(f"accuracy on {corpus}")
+        reference = texts.vectors(sessions["fp32"], batches)
+        for name, session in sessions.items():
+            results[name].cosines[corpus] = np.sum(texts.vectors(session, batches) * reference, axis=1)
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def meets(m: Measured) -> bool:
+    """The issue's target: every cosine >= 0.99, mean >= 0.995 on each corpus, >= 1.8x fp32."""
+    hard = np.concatenate([c for k, c in m.cosines.items() if k != "corpus"])
+    accurate = all(float(c.min()) >= TARGET_MIN and float(c.mean()) >= TARGET_MEAN for c in (m.cosines["corpus"], hard))
+    return accurate and bool(m.ratios) and float(np.median(m.ratios)) >= TARGET_SPEED
+
+
+def report_rows(results: dict[str, Measured]) -> list[list[str]]:
+    """One row per variant: speed, then mean / min cosine on the corpus, on all hard cases, and the
+    worst hard kind."""
+    rows = []
+    for name, m in results.items():
+        hard = {k: c for k, c in m.cosines.items() if k != "corpus"}
+        every = np.concatenate(list(hard.values()))
+        worst = min(hard, key=lambda k: float(hard[k].min()))
+        ratio = f"{np.median(m.ratios):.2f}" if m.ratios else "1.00"
+        rows.append(
+            [
+                name,
+                f"{np.median(m.rates):.0f}",
+                ratio,
+                f"{m.cosines['corpus'].mean():.4f} / {m.cosines['corpus'].min():.4f}",
+                f"{every.mean():.4f} / {every.min():.4f}",
+                f"{worst} {hard[worst].min():.4f}",
+                "yes" if name != "fp32" and meets(m) else "",
+            ]
+        )
+    return rows
+
+
+def cpu_flags() -> str:
+    """The SIMD flags that matter to int8 on x86 (/proc/cpuinfo), or what is missing."""
+    try:
+        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        return "unknown (no /proc/cpuinfo flags)"
+    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The bench's options."""
+    defaults = server_defaults()
+    p = argparse.ArgumentParser(
+        prog="python -m bench.int8", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--texts", type=int, default=512, help="throughput corpus (default 512)")
+    p.add_argument("--accuracy-texts", type=int, default=1000, help="accuracy corpus (default 1000)")
+    p.add_argument("--hard-texts", type=int, default=60, help="texts of each hard kind (default 60)")
+    p.add_argument("--rounds", type=int, default=3, help="throughput rounds (default 3)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 64 texts, 100 for accuracy, 10 per hard kind, 1 round"
+    )
+    p.add_argument("--seed", type=int, default=12, help="corpus seed; the hard cases use seed + 1 (default 12)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"(default {defaults.batch_size})")
+    p.add_argument(
+        "--intra-op-threads", type=int, default=defaults.intra_op_threads, help="as the server's; 0 = its default"
+    )
+    p.add_argument("--cache-dir", type=Path, default=defaults.cache_dir, help=f"(default {defaults.cache_dir})")
+    p.add_argument("--variants", help="comma-separated names to run (default: all)")
+    p.add_argument("--json-out", type=Path, help="also write the results to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.texts, args.accuracy_texts, args.hard_texts, args.rounds = 64, 100, 10, 1
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Builds the variants, measures them, prints the table and one JSON line."""
+    args = parse_args(argv)
+    texts = Texts()
+    everything = recipes(texts.tokenizer)
+    chosen = args.variants.split(",") if args.variants else list(everything)
+    unknown = [n for n in chosen if n not in everything]
+    if unknown:
+        print(f"unknown variants {unknown}; known: {', '.join(everything)}", file=sys.stderr)
+        return 2
+    fp32 = dense_model_files(["fp32"], args.cache_dir)["fp32"]
+    files = {"fp32": fp32} | {n: built(n, everything[n][1], fp32, args.cache_dir) for n in chosen}
+    threads, spinning = server_forward_setup(args.intra_op_threads)
+    sessions = {n: cpu_session(f, threads, spinning) for n, f in files.items()}
+    results = {"fp32": Measured("fp32 export, as the server runs it")} | {n: Measured(everything[n][0]) for n in chosen}
+    measure_speed(
+        sessions, texts.batches(make_corpus(args.texts, args.seed), args.batch_size), args.texts, args.rounds, results
+    )
+    corpora = {"corpus": make_corpus(args.accuracy_texts, args.seed + 1000)} | hard_cases(
+        args.hard_texts, args.seed + 1
+    )
+    measure_accuracy(sessions, {k: texts.batches(v, args.batch_size) for k, v in corpora.items()}, texts, results)
+    header = ["variant", "texts/s", "x fp32", "corpus mean / min", "hard mean / min", "worst hard kind", "meets target"]
+    print(f"CPU: {cpu_flags()}; {threads} intra-op thread(s) per session, batches of {args.batch_size}")
+    print(
+        f"throughput: {args.texts} texts, {args.rounds} rounds; "
+        f"accuracy: {args.accuracy_texts} texts + {args.hard_texts} per hard kind"
+    )
+    print("\n".join(table(report_rows(results), header)))
+    for name, m in results.items():
+        print(f"  {name}: {m.what}")
+    summary = {
+        n: {
+            "ratio": float(np.median(m.ratios)) if m.ratios else 1.0,
+            **{k: [float(c.mean()), float(c.min())] for k, c in m.cosines.items()},
+        }
+        for n, m in results.items()
+    }
+    line = json.dumps(summary, sort_keys=True)
+    print(line)
+    if args.json_out is not None:
+        args.json_out.write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
