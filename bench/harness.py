@@ -230,16 +230,20 @@ def step(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def emit(report: Sequence[str], summary: dict[str, Any], json_out: Path | None, mismatch: str) -> int:
-    """Prints the report, then the summary as one JSON line (also written to json_out); returns 1
-    when the server's results differ from the in-process ones beyond the tolerance, saying
-    `mismatch` on stderr, else 0."""
+def print_summary(report: Sequence[str], summary: dict[str, Any], json_out: Path | None) -> None:
+    """Prints the report, then the summary as one JSON line (also written to json_out)."""
     print("\n".join(report))
     line = json.dumps(summary, sort_keys=True)
     print(line)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(line + "\n")
+
+
+def emit(report: Sequence[str], summary: dict[str, Any], json_out: Path | None, mismatch: str) -> int:
+    """`print_summary`; returns 1 when the server's results differ from the in-process ones
+    beyond the tolerance, saying `mismatch` on stderr, else 0."""
+    print_summary(report, summary, json_out)
     worst = max(summary["max_abs_diff"].values())
     if worst >= VECTOR_TOLERANCE:
         print(f"{mismatch} by up to {worst:.1e}", file=sys.stderr)

@@ -14,7 +14,6 @@ a variant is an ONNX file, not a dtype the server's backend can load. Built vari
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import sys
@@ -27,11 +26,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bench.harness import FloatArray, make_corpus, step
+from bench.harness import FloatArray, make_corpus, print_summary, step
 from bench.inprocess import DEFAULT_DENSE_MODEL, cpu_session, dense_model_files, server_defaults, server_forward_setup
 from bench.report import table
 from embedserve.backends.base import IntArray
 from embedserve.backends.config import load_model_config
+from embedserve.backends.onnx import quantize_int8
 from embedserve.engine.kinds import DENSE
 from embedserve.engine.pooling import normalize
 from embedserve.engine.tokenizer import TextTokenizer
@@ -126,21 +126,10 @@ def layers(names: Sequence[str]) -> list[int]:
 
 
 def dynamic(exclude: Callable[[list[str]], list[str]] | None = None, **options: Any) -> Build:
-    """quantize_dynamic, int8 per-channel weights on MatMuls, without the nodes `exclude` picks."""
+    """The server's DTYPES=int8 recipe (onnx.quantize_int8), without the nodes `exclude` picks."""
 
     def build(source: Path, target: Path) -> None:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        names = matmuls(source)
-        quantize_dynamic(
-            str(source),
-            str(target),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=exclude(names) if exclude else None,
-            **options,
-        )
+        quantize_int8(source, target, exclude(matmuls(source)) if exclude else (), **options)
 
     return build
 
@@ -470,14 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     measure_accuracy(sessions, {k: texts.batches(v, args.batch_size) for k, v in corpora.items()}, texts, results)
     header = ["variant", "texts/s", "x fp32", "corpus mean / min", "hard mean / min", "worst hard kind", "meets target"]
-    print(f"CPU: {cpu_flags()}; {threads} intra-op thread(s) per session, batches of {args.batch_size}")
-    print(
+    report = [
+        f"CPU: {cpu_flags()}; {threads} intra-op thread(s) per session, batches of {args.batch_size}",
         f"throughput: {args.texts} texts, {args.rounds} rounds; "
-        f"accuracy: {args.accuracy_texts} texts + {args.hard_texts} per hard kind"
-    )
-    print("\n".join(table(report_rows(results), header)))
-    for name, m in results.items():
-        print(f"  {name}: {m.what}")
+        f"accuracy: {args.accuracy_texts} texts + {args.hard_texts} per hard kind",
+        *table(report_rows(results), header),
+        *(f"  {name}: {m.what}" for name, m in results.items()),
+    ]
     summary = {
         n: {
             "ratio": float(np.median(m.ratios)) if m.ratios else 1.0,
@@ -485,10 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         for n, m in results.items()
     }
-    line = json.dumps(summary, sort_keys=True)
-    print(line)
-    if args.json_out is not None:
-        args.json_out.write_text(line + "\n")
+    print_summary(report, summary, args.json_out)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import shutil
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from bench.harness import chunks, make_corpus, step
+from bench.harness import chunks, make_corpus, print_summary, step
 from bench.inprocess import server_defaults
 from bench.load import Connections
 from bench.options import bench_parser, check_positive
@@ -135,11 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for number in range(args.starts):
         step(f"start {number + 1} of {args.starts}")
         starts.append(start(args, requests if number == args.starts - 1 else None))
-    print("\n".join(report(starts)))
-    line = json.dumps({"bench": "startup", "starts": [dataclasses.asdict(s) for s in starts], "targets": TARGETS})
-    print(line)
-    if args.json_out is not None:
-        args.json_out.write_text(line + "\n")
+    summary = {"bench": "startup", "starts": [dataclasses.asdict(s) for s in starts], "targets": TARGETS}
+    print_summary(report(starts), summary, args.json_out)
     return 0
 
 

@@ -19,28 +19,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"embedserve: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level)
     log = logging.getLogger("embedserve")
     from embedserve.app import serve
     from embedserve.engine.engine import Engine
 
     try:
+        loop_factory = event_loop_factory(settings.event_loop)  # before the models: it fails in no time
         engine = Engine.load(settings)
-    except ConfigError as exc:
-        log.error("cannot start: %s", exc)
-        return 2
-    try:
-        loop_factory = event_loop_factory(settings.event_loop)
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
         return 2
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(serve(settings, engine))
     return 0
+
+
+def configure_logging(level: str, force: bool = False) -> None:
+    """The server's log lines, on stderr, at LOG_LEVEL; `force` replaces handlers that an import
+    already installed on the root logger."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=force
+    )
 
 
 def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

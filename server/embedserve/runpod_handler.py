@@ -32,6 +32,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from embedserve import convert
+from embedserve.cli import configure_logging
 from embedserve.engine.engine import Engine
 from embedserve.errors import ConfigError, InvalidInputError, quoted
 from embedserve.services.rpc import status
@@ -244,12 +245,7 @@ def main() -> int:
         print(f"embedserve-runpod: configuration error: {exc}", file=sys.stderr)
         return 2
     # force: importing the SDK configured the root logger already (runpod.serverless.utils.rp_upload).
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    configure_logging(settings.log_level, force=True)
     try:
         engine = Engine.load(settings)
     except ConfigError as exc:

@@ -19,8 +19,10 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -152,17 +154,7 @@ def export_model(config: ModelConfig, graph: GraphSpec, dtype: str, cache_dir: P
             if graph.splade:  # the head stays float32 whatever the encoder's dtype
                 _split_splade(exported, final.parent / splade.HEAD_FILE)
             if dtype == "int8":
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                # Per-channel int8 weights on MatMuls only: cosine >= 0.989 to fp32 on MiniLM;
-                # the per-tensor default (embeddings included) gave 0.74 on long inputs.
-                quantize_dynamic(
-                    str(exported),
-                    str(final),
-                    weight_type=QuantType.QInt8,
-                    per_channel=True,
-                    op_types_to_quantize=["MatMul"],
-                )
+                quantize_int8(exported, final)
             elif dtype == "fp16":
                 import onnx
                 from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -182,6 +174,24 @@ def export_model(config: ModelConfig, graph: GraphSpec, dtype: str, cache_dir: P
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return model_file
+
+
+def quantize_int8(source: Path, target: Path, nodes_to_exclude: Sequence[str] = (), **options: Any) -> None:
+    """DTYPES=int8: dynamic quantization, per-channel int8 weights on MatMuls only (cosine >=
+    0.989 to fp32 on MiniLM; the per-tensor default, embeddings included, gave 0.74 on long
+    inputs). `nodes_to_exclude` and `options` (quantize_dynamic's) are for bench.int8, which
+    measures this recipe and variants of it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(source),
+        str(target),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_exclude=list(nodes_to_exclude) or None,
+        **options,
+    )
 
 
 def _split_splade(model_file: Path, head_file: Path) -> None:

@@ -11,6 +11,7 @@ at the next start. The cost model follows the batches served from there on anywa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,8 +30,9 @@ _FORMAT = 1  # bump when what is measured, or how, changes
 _LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "torch", "numpy")
 
 
+@functools.cache
 def machine() -> dict[str, Any]:
-    """What the CPU and the libraries are: part of every key."""
+    """What the CPU and the libraries are: part of every key (read once a process)."""
     cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
