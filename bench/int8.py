@@ -2,7 +2,8 @@
 its throughput in process against fp32 (the server's threads, the same length-sorted batches,
 rounds alternating the order), and its cosine to fp32 on a seeded corpus and on hard cases
 (non-Latin scripts, emoji, 1-3 words, inputs cut at the model's max tokens), none of them in
-the calibration file that the static and smoothed recipes use (bench/int8_calibration.txt).
+the calibration file that the static, smoothed and outlier-channel recipes use
+(bench/int8_calibration.txt). The nbits8 recipes need onnx-ir (a dev dependency).
 
 Usage: flock /tmp/embedserve-bench.lock .venv/bin/python -m bench.int8 [--texts 512] [--accuracy-texts 1000]
 
@@ -37,7 +38,7 @@ from embedserve.engine.pooling import normalize
 from embedserve.engine.tokenizer import TextTokenizer
 from embedserve.models import resolve_model_path
 
-RECIPES_VERSION = 1  # bump when a recipe changes, so that its cached file is rebuilt
+RECIPES_VERSION = 2  # bump when a recipe changes, so that its cached file is rebuilt
 CALIBRATION_FILE = Path(__file__).with_name("int8_calibration.txt")
 TARGET_MIN, TARGET_MEAN, TARGET_SPEED = 0.99, 0.995, 1.8
 Batch = tuple[IntArray, IntArray, IntArray]
@@ -240,6 +241,196 @@ def smoothed(alpha: float, tokenizer: TextTokenizer, then: Build) -> Build:
     return build
 
 
+def nbits(block_size: int, accuracy_level: int, exclude: Callable[[list[str]], list[str]] | None = None) -> Build:
+    """MatMulNBits with 8-bit symmetric weights in blocks of `block_size` along K; accuracy_level 4
+    computes in int8, quantizing each row (token) of the activation per block inside the kernel,
+    0 dequantizes the weights and computes in fp32."""
+
+    def build(source: Path, target: Path) -> None:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(source)),
+            bits=8,
+            block_size=block_size,
+            is_symmetric=True,
+            accuracy_level=accuracy_level,
+            nodes_to_exclude=exclude(matmuls(source)) if exclude else None,
+            op_types_to_quantize=("MatMul",),
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(target))
+
+    return build
+
+
+@dataclass(frozen=True)
+class PerToken:
+    """How per_token rewrites the weight MatMuls.
+
+    asymmetric: a zero point per row too (else symmetric, zero point 128).
+    weight_max: weights per output column in +-weight_max (127: 8 bits, 63: 7 bits).
+    unsigned_weights: weights stored as U8 with zero point 128 (ONNX Runtime's U8U8 GEMM).
+    outliers: this many input channels per MatMul input, those with the largest calibration peaks,
+        stay out of the int8 product and are multiplied in fp32.
+    exclude: picks the MatMuls left in fp32 from all weight MatMuls' names.
+    """
+
+    asymmetric: bool = False
+    weight_max: int = 127
+    unsigned_weights: bool = False
+    outliers: int = 0
+    exclude: Callable[[list[str]], list[str]] | None = None
+
+
+def per_token(source: Path, target: Path, how: PerToken, tokenizer: TextTokenizer) -> None:
+    """Rewrites each weight MatMul x.W as MatMulInteger on x quantized per row (per token, its own
+    scale from that row's range) and W per output column, then rescales.
+
+    Symmetric: q = round(x / s) + 128 with s = max|x_row| / 127 and a scalar zero point 128, so
+    ONNX Runtime keeps its U8S8 GEMM. Asymmetric: s = (max - min) / 255 and a zero point z per
+    row, which MatMulInteger's CPU kernel does not take (scalar only): the GEMM runs without it and
+    z * colsum(W) is subtracted after. Without VNNI the U8S8 GEMM sums pairs of u8 x s8 products
+    in int16 (vpmaddubsw), which saturates once 2 x 255 x |w| > 32767: 7-bit weights (weight_max
+    63) or U8 weights (U8U8 GEMM, int16 operands, no saturation) rule it out. Outlier channels (a
+    few per input in BERT, 5-15x the median channel's peak) would set every row's scale; with
+    `outliers`, they are zeroed in the int8 product and added back as a thin fp32 MatMul. Inputs
+    shared by several MatMuls (Q, K, V) are quantized once."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer}
+    excluded = set(how.exclude(matmuls(source))) if how.exclude else set()
+    groups: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights and node.name not in excluded:
+            groups.setdefault(node.input[0], []).append(node.name)
+    peaks = channel_max(source, list(groups), tokenizer) if how.outliers else {}
+    constants: dict[str, np.ndarray[Any, Any]] = {
+        "pt_axes": np.array([-1], np.int64),
+        "pt_zero": np.array(0.0, np.float32),
+        "pt_eps": np.array(1e-8, np.float32),
+        "pt_128": np.array(128.0, np.float32),
+        "pt_255": np.array(255.0, np.float32),
+        "pt_inv": np.array(1 / 255 if how.asymmetric else 1 / 127, np.float32),
+        "pt_zp": np.array(128, np.uint8),
+    }
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
+
+    def quantize(x: str, p: str) -> list[onnx.NodeProto]:
+        """Nodes quantizing `x` per row into {p}/q (U8), {p}/scale and, asymmetric, {p}/zp ([.., 1])."""
+        if not how.asymmetric:
+            return [
+                helper.make_node("Abs", [x], [f"{p}/abs"]),
+                helper.make_node("ReduceMax", [f"{p}/abs", "pt_axes"], [f"{p}/max"], keepdims=1),
+                helper.make_node("Mul", [f"{p}/max", "pt_inv"], [f"{p}/scale0"]),
+                helper.make_node("Max", [f"{p}/scale0", "pt_eps"], [f"{p}/scale"]),
+                helper.make_node("Div", [x, f"{p}/scale"], [f"{p}/div"]),
+                helper.make_node("Round", [f"{p}/div"], [f"{p}/round"]),
+                helper.make_node("Add", [f"{p}/round", "pt_128"], [f"{p}/shift"]),
+                helper.make_node("Cast", [f"{p}/shift"], [f"{p}/q"], to=TensorProto.UINT8),
+            ]
+        return [
+            helper.make_node("ReduceMax", [x, "pt_axes"], [f"{p}/max0"], keepdims=1),
+            helper.make_node("ReduceMin", [x, "pt_axes"], [f"{p}/min0"], keepdims=1),
+            helper.make_node("Max", [f"{p}/max0", "pt_zero"], [f"{p}/max"]),
+            helper.make_node("Min", [f"{p}/min0", "pt_zero"], [f"{p}/min"]),
+            helper.make_node("Sub", [f"{p}/max", f"{p}/min"], [f"{p}/range"]),
+            helper.make_node("Mul", [f"{p}/range", "pt_inv"], [f"{p}/scale0"]),
+            helper.make_node("Max", [f"{p}/scale0", "pt_eps"], [f"{p}/scale"]),
+            helper.make_node("Div", [f"{p}/min", f"{p}/scale"], [f"{p}/zp0"]),
+            helper.make_node("Neg", [f"{p}/zp0"], [f"{p}/zp1"]),
+            helper.make_node("Round", [f"{p}/zp1"], [f"{p}/zp"]),
+            helper.make_node("Div", [x, f"{p}/scale"], [f"{p}/div"]),
+            helper.make_node("Round", [f"{p}/div"], [f"{p}/round"]),
+            helper.make_node("Add", [f"{p}/round", f"{p}/zp"], [f"{p}/shift"]),
+            helper.make_node("Clip", [f"{p}/shift", "pt_zero", "pt_255"], [f"{p}/clip"]),
+            helper.make_node("Cast", [f"{p}/clip"], [f"{p}/q"], to=TensorProto.UINT8),
+        ]
+
+    prefixes: dict[str, str] = {}  # MatMul input -> the prefix of its quantized tensors
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.name not in groups.get(node.input[0], ()):
+            nodes.append(node)
+            continue
+        x, w_name = node.input
+        w = numpy_helper.to_array(weights[w_name]).astype(np.float32)
+        kept = np.argsort(peaks[x])[::-1][: how.outliers] if how.outliers else np.zeros(0, np.int64)
+        if x not in prefixes:
+            q = prefixes[x] = f"/per_token_{len(prefixes)}"
+            if how.outliers:
+                mask = np.ones(w.shape[0], np.float32)
+                mask[kept] = 0
+                graph.initializer.extend(
+                    [
+                        numpy_helper.from_array(mask, f"{q}/mask"),
+                        numpy_helper.from_array(kept.astype(np.int64), f"{q}/kept"),
+                    ]
+                )
+                nodes += [
+                    helper.make_node("Mul", [x, f"{q}/mask"], [f"{q}/rest"]),
+                    helper.make_node("Gather", [x, f"{q}/kept"], [f"{q}/outliers"], axis=-1),
+                ]
+            nodes.extend(quantize(f"{q}/rest" if how.outliers else x, q))
+        q = prefixes[x]
+        p = node.name.removesuffix("/MatMul") + "/per_token"
+        w_rest = w.copy()
+        w_rest[kept] = 0
+        w_scale = np.maximum(np.abs(w_rest).max(axis=0), 1e-12) / how.weight_max
+        w_q = np.clip(np.round(w_rest / w_scale), -how.weight_max, how.weight_max)
+        stored = (w_q + 128).astype(np.uint8) if how.unsigned_weights else w_q.astype(np.int8)
+        graph.initializer.extend(
+            [numpy_helper.from_array(stored, f"{p}/w"), numpy_helper.from_array(w_scale.astype(np.float32), f"{p}/ws")]
+        )
+        inputs = [f"{q}/q", f"{p}/w", "" if how.asymmetric else "pt_zp"]
+        if how.unsigned_weights:
+            inputs.append("pt_zp")
+        nodes += [
+            helper.make_node("MatMulInteger", inputs, [f"{p}/acc"], name=f"{p}/MatMulInteger"),
+            helper.make_node("Cast", [f"{p}/acc"], [f"{p}/accf"], to=TensorProto.FLOAT),
+        ]
+        last = f"{p}/accf"
+        if how.asymmetric:
+            graph.initializer.append(numpy_helper.from_array(w_q.sum(axis=0).astype(np.float32), f"{p}/colsum"))
+            nodes += [
+                helper.make_node("Mul", [f"{q}/zp", f"{p}/colsum"], [f"{p}/correction"]),
+                helper.make_node("Sub", [last, f"{p}/correction"], [f"{p}/centred"]),
+            ]
+            last = f"{p}/centred"
+        out = f"{p}/int8_out" if how.outliers else node.output[0]
+        nodes += [
+            helper.make_node("Mul", [last, f"{q}/scale"], [f"{p}/row_scaled"]),
+            helper.make_node("Mul", [f"{p}/row_scaled", f"{p}/ws"], [out]),
+        ]
+        if how.outliers:
+            graph.initializer.append(numpy_helper.from_array(w[kept], f"{p}/w_outliers"))
+            nodes += [
+                helper.make_node("MatMul", [f"{q}/outliers", f"{p}/w_outliers"], [f"{p}/fp32_out"]),
+                helper.make_node("Add", [out, f"{p}/fp32_out"], [node.output[0]]),
+            ]
+    used = {i for n in nodes for i in n.input}
+    initializers = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+
+
+def per_token_build(tokenizer: TextTokenizer, **how: Any) -> Build:
+    """per_token, with PerToken(**how), as a recipe."""
+
+    def build(source: Path, target: Path) -> None:
+        per_token(source, target, PerToken(**how), tokenizer)
+
+    return build
+
+
 def edges(names: list[str]) -> list[str]:
     """The first and the last encoder layer's MatMuls."""
     first, last = layers(names)[0], layers(names)[-1]
@@ -254,6 +445,10 @@ def sensitive(names: list[str]) -> list[str]:
 
 def recipes(tokenizer: TextTokenizer) -> dict[str, tuple[str, Build]]:
     """Every variant measured: name -> (what it is, how it is built)."""
+
+    def tok(**how: Any) -> Build:
+        return per_token_build(tokenizer, **how)
+
     return {
         "dyn": ("quantize_dynamic, per-channel S8 weights, all weight MatMuls (DTYPES=int8 today)", dynamic()),
         "dyn-reduce": ("dyn with reduce_range (7-bit weights)", dynamic(reduce_range=True)),
@@ -274,6 +469,21 @@ def recipes(tokenizer: TextTokenizer) -> dict[str, tuple[str, Build]]:
             static("Percentile", "QUInt8", tokenizer),
         ),
         "static-entropy-u8": ("quantize_static QDQ, Entropy, U8 activations", static("Entropy", "QUInt8", tokenizer)),
+        "tok-sym": ("per-token symmetric U8 activations (zero point 128), per-column S8 weights", tok()),
+        "tok-asym": ("per-token asymmetric U8 activations (zero point per row), S8 weights", tok(asymmetric=True)),
+        "tok-sym-w7": ("tok-sym with 7-bit weights (+-63: no vpmaddubsw saturation)", tok(weight_max=63)),
+        "tok-asym-w7": ("tok-asym with 7-bit weights (+-63)", tok(asymmetric=True, weight_max=63)),
+        "tok-sym-u8w": ("tok-sym with U8 weights, zero point 128 (U8U8 GEMM)", tok(unsigned_weights=True)),
+        "tok-out2": ("tok-sym, the 2 peak input channels of each MatMul in fp32", tok(outliers=2)),
+        "tok-out2-u8w": ("tok-out2 with U8 weights (U8U8 GEMM)", tok(outliers=2, unsigned_weights=True)),
+        "tok-sq0.5": ("tok-sym after SmoothQuant smoothing, alpha 0.5", smoothed(0.5, tokenizer, tok())),
+        "tok-sq0.5-u8w": (
+            "tok-sym-u8w after SmoothQuant smoothing, alpha 0.5",
+            smoothed(0.5, tokenizer, tok(unsigned_weights=True)),
+        ),
+        "nbits8-b32": ("MatMulNBits 8-bit weights, blocks of 32, int8 compute (accuracy_level 4)", nbits(32, 4)),
+        "nbits8-b128": ("MatMulNBits 8-bit weights, blocks of 128, int8 compute (accuracy_level 4)", nbits(128, 4)),
+        "nbits8-b32-fp32": ("MatMulNBits 8-bit weights, blocks of 32, fp32 compute (accuracy_level 0)", nbits(32, 0)),
     }
 
 

@@ -126,8 +126,11 @@ class ServerProcess:
     def __init__(self, flags: Sequence[str], startup_timeout: float = 180.0, code: Baseline | None = None) -> None:
         self.command = [sys.executable, "-m", "embedserve", "--host", "127.0.0.1", "--port", "0", *flags]
         # A metrics port of its own (by environment: a Baseline's code may not know the flag), so
-        # that servers side by side, or beside `make run`, never want the same one.
-        env = {**(os.environ if code is None else code.environ()), "METRICS_PORT": "0"}
+        # that servers side by side, or beside `make run`, never want the same one. The vector
+        # cache off unless FLAGS turn it on (a flag wins over the environment): benches replay
+        # one corpus round after round, and would measure the cache, not the model, a second time
+        # round (bench.cache measures the cache, with the flag).
+        env = {**(os.environ if code is None else code.environ()), "METRICS_PORT": "0", "VECTOR_CACHE_BYTES": "0"}
         self.proc = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         self._port: int | None = None

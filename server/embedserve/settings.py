@@ -402,13 +402,14 @@ class Settings:
         shown="268435456 (256 MiB)",
     )
     vector_cache_bytes: int = setting(
-        0,
+        64 * 1024 * 1024,
         "VECTOR_CACHE_BYTES",
         non_negative_int,
         "bytes of dense vectors kept by model and exact text (prompt included), least recently used dropped "
         "first, shared by all requests: a text seen before costs no tokenizing or forward pass, and an input "
-        "repeated within a request is computed once. ~1.9 KB a 384-d vector, so 67108864 (64 MiB) holds ~36k; "
-        "0: off",
+        "repeated within a request, or one that another request is computing, is computed once. ~1.9 KB a "
+        "384-d vector, so the default holds ~36k; 0: off",
+        shown="67108864 (64 MiB)",
     )
     slow_request_seconds: float = setting(
         1.0,

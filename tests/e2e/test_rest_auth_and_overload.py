@@ -13,6 +13,7 @@ from embedserve.settings import DEFAULT_DENSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.e2e.conftest import KEYS, Gateway
+from tests.texts import fresh_texts
 
 
 @pytest.mark.parametrize(
@@ -54,12 +55,12 @@ def test_grpc_through_envoy_needs_the_key_too(strict_gateway: Gateway) -> None:
 
 
 def test_a_full_queue_is_429_over_rest_and_no_request_fails_otherwise(strict_gateway: Gateway) -> None:
-    texts = [" ".join(["queue"] * 100)] * 64  # the strict server's queue holds 64 inputs
+    text = " ".join(["queue"] * 100)  # the strict server's queue holds 64 inputs: 64 fresh texts
 
     def post(_: int) -> httpx.Response:
         return httpx.post(
             strict_gateway.base_url + "/v1/embeddings",
-            json={"input": texts, "encoding_format": "base64"},
+            json={"input": fresh_texts(text, 64), "encoding_format": "base64"},
             headers={"authorization": f"Bearer {KEYS[0]}"},
             timeout=300,
         )

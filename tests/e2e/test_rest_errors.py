@@ -17,12 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.e2e.conftest import KEYS, Gateway
+from tests.texts import fresh_texts
 
 AUTH = {"authorization": f"Bearer {KEYS[0]}"}
 GRPC_METADATA = (("authorization", f"Bearer {KEYS[0]}"),)
 BODY = b'{"input": "hello"}'
 # 64 inputs of ~100 tokens, 12 at once: more than strict_server's queue of 64 inputs can take.
-CROWD = [" ".join(["queue"] * 100)] * 64
+CROWD = " ".join(["queue"] * 100)  # 64 of it, each a fresh text, fill the queue
 CONCURRENT = 12
 
 
@@ -140,7 +141,7 @@ def test_an_overload_429_over_rest_says_when_to_retry(strict_gateway: Gateway) -
     def post(_: int) -> httpx.Response:
         return httpx.post(
             strict_gateway.base_url + "/v1/embeddings",
-            json={"input": CROWD, "encoding_format": "base64"},
+            json={"input": fresh_texts(CROWD, 64), "encoding_format": "base64"},
             headers=AUTH,
             timeout=300,
         )
@@ -160,7 +161,7 @@ def test_an_overload_over_native_grpc_through_envoy_carries_a_retry_after_traile
     with grpc.insecure_channel(strict_gateway.address) as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         calls = [
-            stub.Embed.future(pb.EmbedRequest(inputs=CROWD), metadata=GRPC_METADATA, timeout=300)
+            stub.Embed.future(pb.EmbedRequest(inputs=fresh_texts(CROWD, 64)), metadata=GRPC_METADATA, timeout=300)
             for _ in range(CONCURRENT)
         ]
         errors = [call.exception() for call in calls]

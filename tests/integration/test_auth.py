@@ -16,6 +16,7 @@ from embedserve.settings import DEFAULT_DENSE_MODEL, ModelSettings
 from embedserve.v1 import embedding_service_pb2 as pb
 from tests.conftest import RunningServer, make_settings
 from tests.integration.test_lifecycle import GRPCURL
+from tests.texts import fresh
 
 KEYS = ("secret-1", "secret-2")
 
@@ -163,7 +164,7 @@ def test_each_api_key_is_its_own_tenant_named_by_a_fingerprint_not_the_key(
     lanes = LaneRecorder(keyed_server, monkeypatch)
     stub = keyed_server.stub()
     for key in (*KEYS, KEYS[0]):
-        stub.Embed(pb.EmbedRequest(inputs=["x"]), metadata=bearer(key))
+        stub.Embed(pb.EmbedRequest(inputs=[fresh("tenant text")]), metadata=bearer(key))
     tenants = [tenant for _, tenant in lanes.jobs]
     assert tenants[0] == tenants[2] != tenants[1]
     assert all(tenant and key not in tenant for tenant in tenants for key in KEYS)

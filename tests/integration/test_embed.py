@@ -20,6 +20,7 @@ from embedserve.settings import DEFAULT_DENSE_MODEL, DEFAULT_SPARSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer
+from tests.texts import fresh, fresh_texts
 
 Matrix = npt.NDArray[np.float32]
 
@@ -94,10 +95,11 @@ def test_vectors_match_sentence_transformers_on_varied_texts(server: RunningServ
 
 
 def test_usage_counts_real_tokens_and_truncated_inputs(server: RunningServer) -> None:
-    texts = ["hello world", " ".join(["word"] * 5000)]
+    # Texts no other test sends, so that this request is computed (the vector cache is on).
+    texts = ["hello world of usage counts", " ".join(["usage"] * 5000)]
     response = server.stub().Embed(pb.EmbedRequest(inputs=texts))
-    # [CLS] hello world [SEP] = 4 tokens; the long one is cut to the model's 256.
-    assert response.usage.prompt_tokens == 4 + 256
+    # [CLS] hello world of usage counts [SEP] = 7 tokens; the long one is cut to the model's 256.
+    assert response.usage.prompt_tokens == 7 + 256
     assert response.usage.total_tokens == response.usage.prompt_tokens
     assert response.usage.truncated_inputs == 1
     timing = response.timing
@@ -245,7 +247,7 @@ def test_cancelled_stream_drops_its_queued_work(server: RunningServer) -> None:
 
     def requests() -> Iterator[pb.EmbedStreamRequest]:
         for i in range(server.settings.stream_window):
-            yield pb.EmbedStreamRequest(id=str(i), request=pb.EmbedRequest(inputs=[text] * 128))
+            yield pb.EmbedStreamRequest(id=str(i), request=pb.EmbedRequest(inputs=fresh_texts(text, 128)))
         release.wait(30)  # keep the stream open, as a bulk client would
 
     call = server.stub().EmbedStream(requests())
@@ -283,9 +285,10 @@ def test_small_unary_requests_are_interactive_and_streams_and_large_ones_bulk(
     lanes = LaneRecorder(server, monkeypatch)
     stub = server.stub()
     limit = server.settings.interactive_max_inputs
-    stub.Embed(pb.EmbedRequest(inputs=["a query"] * limit))
-    stub.Embed(pb.EmbedRequest(inputs=["a document"] * (limit + 1)))
-    list(stub.EmbedStream(iter([pb.EmbedStreamRequest(id="0", request=pb.EmbedRequest(inputs=["x"]))])))
+    stub.Embed(pb.EmbedRequest(inputs=fresh_texts("a query", limit)))
+    stub.Embed(pb.EmbedRequest(inputs=fresh_texts("a document", limit + 1)))
+    streamed = pb.EmbedStreamRequest(id="0", request=pb.EmbedRequest(inputs=[fresh("x")]))
+    list(stub.EmbedStream(iter([streamed])))
     assert [lane for lane, _ in lanes.jobs] == ["interactive", "bulk", "bulk"]
 
 
@@ -294,16 +297,17 @@ def test_the_priority_field_then_the_metadata_choose_the_lane(
 ) -> None:
     lanes = LaneRecorder(server, monkeypatch)
     stub = server.stub()
-    expected = decode(stub.Embed(pb.EmbedRequest(inputs=["same text"])))
-    bulk = stub.Embed(pb.EmbedRequest(inputs=["same text"], priority=pb.PRIORITY_BULK))
-    by_header = stub.Embed(pb.EmbedRequest(inputs=["same text"]), metadata=(("x-embedserve-priority", "Bulk"),))
+    # Fresh texts: a text the vector cache holds would take no lane at all.
+    stub.Embed(pb.EmbedRequest(inputs=[fresh("lane text")]))
+    bulk = stub.Embed(pb.EmbedRequest(inputs=[fresh("lane text")], priority=pb.PRIORITY_BULK))
+    by_header = stub.Embed(pb.EmbedRequest(inputs=[fresh("lane text")]), metadata=(("x-embedserve-priority", "Bulk"),))
     field_wins = stub.Embed(
-        pb.EmbedRequest(inputs=["same text"] * 100, priority=pb.PRIORITY_INTERACTIVE),
+        pb.EmbedRequest(inputs=fresh_texts("lane text", 100), priority=pb.PRIORITY_INTERACTIVE),
         metadata=(("x-embedserve-priority", "bulk"),),
     )
     assert [lane for lane, _ in lanes.jobs] == ["interactive", "bulk", "bulk", "interactive"]
     for response in (bulk, by_header):
-        np.testing.assert_array_equal(decode(response), expected)
+        assert response.timing.cached_inputs == 0 and decode(response).shape == (1, 384)
     assert len(field_wins.embeddings) == 100
 
 
@@ -338,9 +342,9 @@ def test_on_cpu_queries_run_on_a_thread_of_their_own_and_bulk_on_two_forward_wor
 
     monkeypatch.setattr(scheduler, "_run_batch", run_batch)
     stub = server.stub()
-    stub.Embed(pb.EmbedRequest(inputs=["a query"]))
+    stub.Embed(pb.EmbedRequest(inputs=[fresh("a query")]))
     size = server.settings.models[0].batch_size
-    stub.Embed(pb.EmbedRequest(inputs=[f"document {i}" for i in range(4 * size)]))
+    stub.Embed(pb.EmbedRequest(inputs=fresh_texts("document", 4 * size)))
     assert threads[0] == (1, threads[0][1]) and threads[0][1].startswith("interactive-")
     bulk_threads = {name for _, name in threads[1:]}
     assert all(name.startswith("forward-") for name in bulk_threads)

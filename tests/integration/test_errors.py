@@ -10,6 +10,7 @@ import pytest
 from embedserve.settings import DEFAULT_DENSE_MODEL
 from embedserve.v1 import embedding_service_pb2 as pb
 from tests.conftest import RunningServer, make_settings
+from tests.texts import fresh_texts
 
 
 def error_of(call: Callable[..., object], request: object) -> grpc.Call:
@@ -88,8 +89,8 @@ def small_queue_server() -> Iterator[RunningServer]:
 
 def test_full_queue_is_resource_exhausted_and_nothing_else_fails(small_queue_server: RunningServer) -> None:
     stub = small_queue_server.stub()
-    texts = [" ".join(["queue"] * 100)] * 64
-    futures = [stub.Embed.future(pb.EmbedRequest(inputs=texts), timeout=120) for _ in range(12)]
+    text = " ".join(["queue"] * 100)
+    futures = [stub.Embed.future(pb.EmbedRequest(inputs=fresh_texts(text, 64)), timeout=120) for _ in range(12)]
     codes = []
     for future in futures:
         try:

@@ -21,6 +21,7 @@ from embedserve.kinds import Capability
 from embedserve.v1 import embedding_service_pb2 as pb
 from embedserve.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import CACHE_DIR, RunningServer
+from tests.texts import fresh, fresh_texts
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 LONG = " ".join(["load"] * 200)  # 202 tokens
@@ -60,7 +61,7 @@ def test_grpcurl_lists_the_service_through_reflection_and_calls_embed(server: Ru
 
 def test_health_answers_within_50ms_at_full_load(server: RunningServer) -> None:
     stub = server.stub()
-    load = [stub.Embed.future(pb.EmbedRequest(inputs=[LONG] * 64), timeout=300) for _ in range(4)]
+    load = [stub.Embed.future(pb.EmbedRequest(inputs=fresh_texts(LONG, 64)), timeout=300) for _ in range(4)]
     time.sleep(0.5)  # let the queue fill and the worker run
     with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -82,10 +83,10 @@ def test_health_answers_within_50ms_at_full_load(server: RunningServer) -> None:
 
 def test_small_request_behind_a_2048_input_request_is_not_starved(server: RunningServer) -> None:
     stub = server.stub()
-    big = stub.Embed.future(pb.EmbedRequest(inputs=[MEDIUM] * 2048), timeout=600)
+    big = stub.Embed.future(pb.EmbedRequest(inputs=fresh_texts(MEDIUM, 2048)), timeout=600)
     time.sleep(0.3)
     started = time.perf_counter()
-    stub.Embed(pb.EmbedRequest(inputs=["small"]), timeout=60)
+    stub.Embed(pb.EmbedRequest(inputs=[fresh("small")]), timeout=60)
     small_s = time.perf_counter() - started
     assert not big.done(), "the large request finished first: the small one was not interleaved"
     big_response = big.result()
@@ -96,7 +97,7 @@ def test_small_request_behind_a_2048_input_request_is_not_starved(server: Runnin
 def test_cancelled_request_drops_its_queued_work(server: RunningServer) -> None:
     stub = server.stub()
     scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
-    call = stub.Embed.future(pb.EmbedRequest(inputs=[MEDIUM] * 2048), timeout=600)
+    call = stub.Embed.future(pb.EmbedRequest(inputs=fresh_texts(MEDIUM, 2048)), timeout=600)
     deadline = time.monotonic() + 10
     while scheduler.queued < 1000 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -114,7 +115,7 @@ def test_expired_deadline_is_deadline_exceeded_and_work_is_dropped(server: Runni
     stub = server.stub()
     scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
     with pytest.raises(grpc.RpcError) as caught:
-        stub.Embed(pb.EmbedRequest(inputs=[MEDIUM] * 2048), timeout=0.5)
+        stub.Embed(pb.EmbedRequest(inputs=fresh_texts(MEDIUM, 2048)), timeout=0.5)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.monotonic() + 10
     while scheduler.queued > 0 and time.monotonic() < deadline:
@@ -143,7 +144,7 @@ def test_startup_log_names_model_backend_provider_dtype_and_load_time(process: S
 
 def test_sigterm_finishes_in_flight_requests_then_exits_zero(process: ServerProcess) -> None:
     stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(process.address))
-    in_flight = stub.Embed.future(pb.EmbedRequest(inputs=[LONG] * 96), timeout=120)
+    in_flight = stub.Embed.future(pb.EmbedRequest(inputs=fresh_texts(LONG, 96)), timeout=120)
     time.sleep(0.5)
     process.proc.send_signal(signal.SIGTERM)
     response = in_flight.result()

@@ -1,10 +1,11 @@
 """The vector cache against real servers with the real all-MiniLM-L6-v2: cached answers are the
-uncached ones bit for bit, whatever the options; repeats and duplicates run no forward pass; the
-cache stays under its bound, and is off at 0."""
+uncached ones bit for bit, whatever the options; repeats and duplicates run no forward pass, within
+a request and between requests in flight at once; the cache stays under its bound, and is off at 0."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -247,3 +248,89 @@ def test_vectors_of_a_stream_and_of_unary_calls_come_from_one_cache(cached: Runn
         assert answer.response.timing.cached_inputs == 3
         assert vectors(answer.response) == vectors(unary)
     assert np.frombuffer(vectors(unary)[0], dtype="<f4").shape == (384,)
+
+
+@pytest.fixture(scope="module")
+def keeps_nothing() -> Iterator[RunningServer]:
+    """A cache that is on but holds nothing (no entry fits 1 byte): what two requests share can
+    only come from one computing it while the other waits."""
+    running = RunningServer(make_settings(models=ALONE, vector_cache_bytes=1))
+    yield running
+    running.stop()
+
+
+class Held:
+    """Holds every forward pass of a server's dense model until `release`, and says when one has
+    started (`entered`), when a request waits on another's texts (`waiting`) and when a request
+    gave up texts it was computing (`abandoned`)."""
+
+    def __init__(self, server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counted = Counted(server, monkeypatch)
+        scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
+        counting = scheduler._run_batch
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.waiting, self.abandoned = threading.Event(), threading.Event()
+
+        def run_batch(items: Any) -> Any:
+            self.entered.set()
+            assert self.release.wait(60), "never released"
+            return counting(items)
+
+        monkeypatch.setattr(scheduler, "_run_batch", run_batch)
+        engine = server.engine
+        awaited, settle = engine._awaited, engine._in_flight.settle
+
+        async def awaiting(plan: Any, truncate: bool) -> list[int]:
+            if plan.awaited:
+                self.waiting.set()
+            return await awaited(plan, truncate)
+
+        def settling(keys: Any, futures: Any, entries: Any) -> None:
+            if entries is None:
+                self.abandoned.set()
+            settle(keys, futures, entries)
+
+        monkeypatch.setattr(engine, "_awaited", awaiting)
+        monkeypatch.setattr(engine._in_flight, "settle", settling)
+
+
+def test_a_text_another_request_is_computing_is_waited_for_not_computed_twice(
+    keeps_nothing: RunningServer, uncached: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = Held(keeps_nothing, monkeypatch)
+    request = pb.EmbedRequest(inputs=texts("in flight", 3))
+    first = keeps_nothing.stub().Embed.future(request)
+    assert held.entered.wait(30)
+    second = keeps_nothing.stub().Embed.future(pb.EmbedRequest(inputs=[*request.inputs, "in flight, new"]))
+    # The second request has planned once it claims its one new text: 3 + 1 texts in flight.
+    deadline = time.monotonic() + 30
+    while len(keeps_nothing.engine._in_flight) < 4:
+        assert time.monotonic() < deadline, "the second request never claimed its new text"
+        time.sleep(0.01)
+    held.release.set()
+    a, b = first.result(timeout=60), second.result(timeout=60)
+    assert held.counted.inputs == 3 + 1  # the shared texts ran once
+    assert a.timing.cached_inputs == 0 and b.timing.cached_inputs == 3
+    expected = uncached.stub().Embed(pb.EmbedRequest(inputs=[*request.inputs, "in flight, new"]))
+    assert vectors(b) == vectors(expected) and vectors(a) == vectors(expected)[:3]
+    assert b.usage == expected.usage
+    assert len(keeps_nothing.engine._in_flight) == 0
+
+
+def test_when_the_request_computing_a_text_goes_away_the_one_waiting_computes_it(
+    keeps_nothing: RunningServer, uncached: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = Held(keeps_nothing, monkeypatch)
+    request = pb.EmbedRequest(inputs=texts("abandoned", 2))
+    first = keeps_nothing.stub().Embed.future(request)
+    assert held.entered.wait(30)
+    second = keeps_nothing.stub().Embed.future(request)
+    assert held.waiting.wait(30)
+    first.cancel()
+    assert held.abandoned.wait(30)  # the server saw the first call go and gave its texts up
+    held.release.set()
+    answer = second.result(timeout=60)
+    assert answer.timing.cached_inputs == 0  # computed for itself after all
+    assert vectors(answer) == vectors(uncached.stub().Embed(request))
+    assert answer.usage == uncached.stub().Embed(request).usage
+    assert len(keeps_nothing.engine._in_flight) == 0

@@ -1,11 +1,13 @@
 """The vector cache's LRU and its plan of a request: bounded by bytes, least recently used out
-first, duplicates computed once."""
+first, duplicates computed once, within a request and between requests in flight."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
-from embedserve.engine.vector_cache import BytesLRU, Plan, VectorCache, model_identity
+from embedserve.engine.vector_cache import BytesLRU, Cached, InFlight, Plan, VectorCache, model_identity
 
 
 def test_the_least_recently_used_entry_goes_first_and_bytes_stay_under_the_bound() -> None:
@@ -94,3 +96,69 @@ def test_with_no_bytes_the_cache_is_off_and_every_input_is_computed() -> None:
     assert len(cache) == 0 and not cache.enabled
     plan = Plan(cache, model, ["a", "a"], truncate=True)
     assert plan.todo == ["a", "a"] and plan.cached == 0
+
+
+def _entry(value: float, tokens: int = 3, truncated: bool = False) -> Cached:
+    return Cached(np.full(2, value, dtype=np.float32), tokens, truncated)
+
+
+def test_a_text_in_flight_is_awaited_and_its_entry_taken_not_computed_again() -> None:
+    async def scenario() -> None:
+        cache, in_flight, model = VectorCache(1 << 20), InFlight(), model_identity("m")
+        owner = Plan(cache, model, ["a", "b"], truncate=True, in_flight=in_flight)
+        futures = in_flight.claim(owner.keys, interactive=True)
+        waiter = Plan(cache, model, ["c", "a", "a"], truncate=True, in_flight=in_flight)
+        assert waiter.todo == ["c"] and sorted(waiter.awaited) == [1, 2] and waiter.cached == 2
+        in_flight.settle(owner.keys, futures, [_entry(1), _entry(2)])
+        assert len(in_flight) == 0 and all(f.done() for f in futures)
+        for position, future in list(waiter.awaited.items()):
+            waiter.resolve(position, future.result())
+        rows = waiter.rows([np.full(2, 7, dtype=np.float32)])
+        assert [float(r[0]) for r in rows] == [7, 1, 1]
+        assert waiter.tokens([5], truncated=[]) == (5 + 3 + 3, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_owner_cancels_its_futures_so_waiters_compute_the_text_themselves() -> None:
+    async def scenario() -> None:
+        cache, in_flight, model = VectorCache(1 << 20), InFlight(), model_identity("m")
+        owner = Plan(cache, model, ["a"], truncate=True, in_flight=in_flight)
+        futures = in_flight.claim(owner.keys, interactive=True)
+        waiter = Plan(cache, model, ["a"], truncate=True, in_flight=in_flight)
+        in_flight.settle(owner.keys, futures, None)
+        assert futures[0].cancelled() and len(in_flight) == 0
+        # Not resolved: the row comes from what the waiter computed itself (`redone`).
+        assert [float(r[0]) for r in waiter.rows([], {0: np.full(2, 4, dtype=np.float32)})] == [4]
+        assert waiter.tokens([], []) == (0, 0)  # counted by the request that computes it after all
+        assert Plan(cache, model, ["a"], truncate=True, in_flight=in_flight).todo == ["a"]
+
+    asyncio.run(scenario())
+
+
+def test_interactive_requests_never_wait_on_bulk_work_and_a_new_claim_is_not_dropped_by_the_old() -> None:
+    async def scenario() -> None:
+        cache, in_flight, model = VectorCache(1 << 20), InFlight(), model_identity("m")
+        key = [cache.key(model, "a")]
+        bulk = in_flight.claim(key, interactive=False)
+        assert in_flight.find(key[0], interactive=False) is bulk[0]  # bulk waits on bulk
+        assert in_flight.find(key[0], interactive=True) is None  # an interactive query computes it
+        assert Plan(cache, model, ["a"], truncate=True, in_flight=in_flight, interactive=True).todo == ["a"]
+        query = in_flight.claim(key, interactive=True)
+        in_flight.settle(key, bulk, [_entry(1)])  # the bulk owner ends first
+        assert bulk[0].result().vector[0] == 1
+        assert in_flight.find(key[0], interactive=True) is query[0]  # the query's claim still stands
+        in_flight.settle(key, query, [_entry(1)])
+        assert len(in_flight) == 0
+
+    asyncio.run(scenario())
+
+
+def test_with_the_cache_off_nothing_is_shared_in_flight() -> None:
+    async def scenario() -> None:
+        cache, in_flight, model = VectorCache(0), InFlight(), model_identity("m")
+        in_flight.claim([cache.key(model, "a")], interactive=True)
+        plan = Plan(cache, model, ["a"], truncate=True, in_flight=in_flight)
+        assert plan.todo == ["a"] and not plan.awaited
+
+    asyncio.run(scenario())

@@ -77,7 +77,10 @@ def resolve_dtype(requested: str, on_cuda: bool) -> str:
 
 
 def export_key(config: ModelConfig, graph: GraphSpec, dtype: str) -> str:
-    """Hashes the model's files and export settings: same key, same graph."""
+    """Hashes the model's files and export settings: same key, same graph. Not the exporter's
+    version (optimum-onnx, torch): a serving process without them (the image's lean runtime)
+    must find the exports made where they were installed; a change in how we export bumps
+    _EXPORT_FORMAT instead."""
     digest = hashlib.sha256()
     for file in sorted(config.path.rglob("*")):
         if file.is_file() and file.suffix in _WEIGHT_SUFFIXES and "onnx" not in file.parts:
@@ -89,7 +92,6 @@ def export_key(config: ModelConfig, graph: GraphSpec, dtype: str) -> str:
         "task": graph.onnx_task,
         "dtype": dtype,
         "format": _EXPORT_FORMAT,
-        "optimum": version("optimum-onnx"),
         "onnxruntime": version("onnxruntime") if _has_dist("onnxruntime") else version("onnxruntime-gpu"),
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -135,12 +137,20 @@ def export_model(config: ModelConfig, graph: GraphSpec, dtype: str, cache_dir: P
     if model_file.is_file():
         log.info("using cached ONNX export %s", model_file)
         return model_file
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as missing:
+        raise ConfigError(
+            f"{config.path.name} has no cached ONNX export for {dtype} in {cache_dir / 'onnx'}, and exporting "
+            "one needs optimum-onnx and torch, which this environment lacks (the image's lean `runtime` target "
+            "serves only the exports baked in at build time): use the image's `full` target, or install "
+            "embedserve with its dependencies; or start once where they are installed with the same "
+            "EMBEDSERVE_CACHE_DIR (same embedserve and onnxruntime), which then holds the export"
+        ) from missing
     cache_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="export-", dir=cache_dir))
     try:
         with _Heartbeat(f"exporting {config.path.name} to ONNX ({dtype})"):
-            from optimum.exporters.onnx import main_export
-
             main_export(
                 str(config.path),
                 output=work / "fp32",

@@ -31,7 +31,7 @@ from embedserve.engine.types import (
     SparseResult,
     Usage,
 )
-from embedserve.engine.vector_cache import Plan, VectorCache, model_identity
+from embedserve.engine.vector_cache import Cached, InFlight, Plan, VectorCache, model_identity
 from embedserve.errors import InvalidInputError
 from embedserve.kinds import Capability
 from embedserve.settings import Settings
@@ -74,6 +74,7 @@ class Engine:
         self._tokenize_pool = tokenize_pool
         self.observer: EngineObserver | None = None
         self.vectors = VectorCache(settings.vector_cache_bytes)
+        self._in_flight = InFlight()  # texts being computed now, shared between requests
         self._identities = {
             m.id: model_identity(
                 m.id,
@@ -250,30 +251,73 @@ class Engine:
         lane: Priority,
         wait: bool = False,
         name: Callable[[int], str] = "inputs[{}]".format,
+        share: bool = True,
     ) -> Dense:
         """The pooled vector of every text (as the model reads it, prompt included): those the
-        vector cache holds from it, the others tokenized and computed, each distinct text once,
-        then cached. Only those take room in the queue; a request the cache answers whole takes
-        none, and is never refused for want of it."""
-        plan = Plan(self.vectors, self._identities[model.id], texts, truncate)
-        if not plan.todo:
-            self._count_cached(model.id, plan)
-            return Dense(plan.rows([]), Usage(*plan.tokens([], [])), 0.0, None, plan.cached)
-        ticket = await self._reserve(model, len(plan.todo), model.tokenizer.estimate(plan.todo), lane, wait)
-        tokenized, tokenize_s = await self._tokenize(
-            model, ticket, plan.todo, truncate, name=lambda j: name(plan.first[j])
+        vector cache holds from it, those another request computes now (with `share`), the
+        others tokenized and computed, each distinct text once, then cached. Only those take
+        room in the queue; a request the cache answers whole takes none, and is never refused
+        for want of it."""
+        in_flight = self._in_flight if share else None
+        plan = Plan(self.vectors, self._identities[model.id], texts, truncate, in_flight, lane is Priority.INTERACTIVE)
+        computed: list[FloatArray] = []
+        tokenized: Tokenized | None = None
+        tokenize_s, job = 0.0, None
+        if plan.todo:
+            claimed = self._in_flight.claim(plan.keys, lane is Priority.INTERACTIVE) if self.vectors.enabled else []
+            entries: list[Cached] | None = None
+            try:
+                ticket = await self._reserve(model, len(plan.todo), model.tokenizer.estimate(plan.todo), lane, wait)
+                tokenized, tokenize_s = await self._tokenize(
+                    model, ticket, plan.todo, truncate, name=lambda j: name(plan.first[j])
+                )
+                computed, job = await self._run(model, tokenized, call, lane, ticket)
+                if self.vectors.enabled:
+                    cut = set(tokenized.truncated)
+                    entries = [
+                        self.vectors.put(key, computed[j], tokenized.lengths[j], j in cut)
+                        for j, key in enumerate(plan.keys)
+                    ]
+            finally:
+                if claimed:
+                    self._in_flight.settle(plan.keys, claimed, entries)
+        redo = await self._awaited(plan, truncate)
+        self._count_cached(model.id, plan.cached - len(redo), len(plan.todo))
+        lengths, cut_positions = (tokenized.lengths, tokenized.truncated) if tokenized is not None else ([], [])
+        usage = Usage(*plan.tokens(lengths, cut_positions))
+        if not redo:
+            return Dense(plan.rows(computed), usage, tokenize_s, job, plan.cached)
+        # The requests computing these failed or went away first (or cut a text this request
+        # may not have cut): computed here after all, as if they had never been shared.
+        again = await self._dense(
+            model, [texts[i] for i in redo], truncate, call, lane, wait, lambda j: name(redo[j]), False
         )
-        computed, job = await self._run(model, tokenized, call, lane, ticket)
-        cut = set(tokenized.truncated)
-        for j, key in enumerate(plan.keys):
-            self.vectors.put(key, computed[j], tokenized.lengths[j], j in cut)
-        self._count_cached(model.id, plan)
-        usage = Usage(*plan.tokens(tokenized.lengths, tokenized.truncated))
-        return Dense(plan.rows(computed), usage, tokenize_s, job, plan.cached)
+        rows = plan.rows(computed, dict(zip(redo, again.rows, strict=True)))
+        usage = Usage(
+            usage.prompt_tokens + again.usage.prompt_tokens, usage.truncated_inputs + again.usage.truncated_inputs
+        )
+        return Dense(rows, usage, tokenize_s + again.tokenize_s, job or again.job, plan.cached - len(redo))
 
-    def _count_cached(self, model: str, plan: Plan) -> None:
-        self.vectors.hits[model] += plan.cached
-        self.vectors.misses[model] += len(plan.todo)
+    @staticmethod
+    async def _awaited(plan: Plan, truncate: bool) -> list[int]:
+        """Waits for the inputs of `plan` that other requests compute (never cancelling their
+        work when this request goes away) and takes their entries; the positions it could not
+        take an entry for, to compute."""
+        if not plan.awaited:
+            return []
+        await asyncio.wait(set(plan.awaited.values()))
+        redo = []
+        for position, future in list(plan.awaited.items()):
+            entry = None if future.cancelled() else future.result()
+            if entry is None or (entry.truncated and not truncate):
+                redo.append(position)
+            else:
+                plan.resolve(position, entry)
+        return redo
+
+    def _count_cached(self, model: str, hits: int, misses: int) -> None:
+        self.vectors.hits[model] += hits
+        self.vectors.misses[model] += misses
 
     @staticmethod
     async def _reserve(model: ServedModel[Any], inputs: int, tokens: int, lane: Priority, wait: bool = False) -> Ticket:

@@ -23,17 +23,22 @@ not grow with the text's. Entries are least recently used out first, each counte
 it really holds (vector, digest, entry and table overhead). Everything runs on the server's
 event loop, between awaits, so nothing here needs a lock.
 
-Duplicates within one request are computed once (`Plan`). With max_bytes 0 the cache is off,
-and so is that: every input is computed, as if there were no cache.
+Duplicates within one request are computed once (`Plan`), and so are duplicates between requests
+in flight at the same time (`InFlight`): a text another request is computing now is waited for,
+not computed again, as long as that request's lane is not behind the waiter's (an interactive
+query never waits on bulk work). Should that request fail or go away first, the waiter computes
+the text itself. With max_bytes 0 the cache is off, and so is all of that: every input is
+computed, as if there were no cache.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import sys
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -140,26 +145,81 @@ class VectorCache:
         """The entry for `key`, None when there is none."""
         return self._lru.get(key)
 
-    def put(self, key: bytes, vector: FloatArray, tokens: int, truncated: bool) -> None:
-        """Stores a copy of `vector` (a row of a batch would keep the whole batch alive)."""
-        if not self.enabled:
-            return
+    def put(self, key: bytes, vector: FloatArray, tokens: int, truncated: bool) -> Cached:
+        """Stores a copy of `vector` (a row of a batch would keep the whole batch alive); the
+        entry, kept or not (the cache is off, or it is larger than the whole bound)."""
         row = np.array(vector, dtype=np.float32, copy=True)
         row.setflags(write=False)
         entry = Cached(row, tokens, truncated)
-        size = sys.getsizeof(row) + sys.getsizeof(key) + sys.getsizeof(entry) + ORDER_OVERHEAD
-        self._lru.put(key, entry, size)
+        if self.enabled:
+            size = sys.getsizeof(row) + sys.getsizeof(key) + sys.getsizeof(entry) + ORDER_OVERHEAD
+            self._lru.put(key, entry, size)
+        return entry
+
+
+class InFlight:
+    """The texts being computed now, by key: each a future of its entry, set by the request that
+    computes it (`claim`, then `settle`), with the lane that request runs in."""
+
+    def __init__(self) -> None:
+        self._futures: dict[bytes, tuple[asyncio.Future[Cached], bool]] = {}
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def find(self, key: bytes, interactive: bool) -> asyncio.Future[Cached] | None:
+        """The future of `key`'s entry when a request computes it now in a lane that an
+        `interactive` (or bulk) waiter may wait on; None when the waiter must compute it."""
+        found = self._futures.get(key)
+        if found is None or (interactive and not found[1]):
+            return None
+        return found[0]
+
+    def claim(self, keys: Sequence[bytes], interactive: bool) -> list[asyncio.Future[Cached]]:
+        """Registers `keys` as computed by the calling request from now on; its futures, which
+        it must `settle` whatever happens."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Cached]] = []
+        for key in keys:
+            future: asyncio.Future[Cached] = loop.create_future()
+            self._futures[key] = (future, interactive)
+            futures.append(future)
+        return futures
+
+    def settle(
+        self, keys: Sequence[bytes], futures: Sequence[asyncio.Future[Cached]], entries: Sequence[Cached] | None
+    ) -> None:
+        """Ends a claim: each future gets its entry, or, with `entries` None (the request failed
+        or went away), is cancelled, which tells its waiters to compute the text themselves."""
+        for i, (key, future) in enumerate(zip(keys, futures, strict=True)):
+            if self._futures.get(key, (None,))[0] is future:
+                del self._futures[key]
+            if not future.done():
+                if entries is None:
+                    future.cancel()
+                else:
+                    future.set_result(entries[i])
 
 
 class Plan:
-    """One request's texts against the cache: the inputs it answers, and the distinct texts left
-    to compute (an input that repeats an earlier one of the request waits for that one's row)."""
+    """One request's texts against the cache: the inputs it answers, the inputs another request
+    in flight computes now (`awaited`), and the distinct texts left to compute (an input that
+    repeats an earlier one of the request waits for that one's row)."""
 
-    def __init__(self, cache: VectorCache, model: bytes, texts: Sequence[str], truncate: bool) -> None:
+    def __init__(
+        self,
+        cache: VectorCache,
+        model: bytes,
+        texts: Sequence[str],
+        truncate: bool,
+        in_flight: InFlight | None = None,
+        interactive: bool = True,
+    ) -> None:
         self.found: list[Cached | None] = [None] * len(texts)
         self.todo: list[str] = []  # distinct texts to compute, in the order first seen
         self.first: list[int] = []  # the input position of each, for error messages
         self.keys: list[bytes] = []  # the key of each
+        self.awaited: dict[int, asyncio.Future[Cached]] = {}  # input position -> another request's future
         self._slot: list[int] = []  # per input: the index in `todo` it takes its row from; -1: found
         if not cache.enabled:
             self.todo, self.first, self._slot = list(texts), list(range(len(texts))), list(range(len(texts)))
@@ -174,6 +234,11 @@ class Plan:
                     self.found[i] = entry
                     self._slot.append(-1)
                     continue
+                future = in_flight.find(key, interactive) if in_flight is not None else None
+                if future is not None:
+                    self.awaited[i] = future
+                    self._slot.append(-1)
+                    continue
                 slot = seen[key] = len(self.todo)
                 self.todo.append(text)
                 self.first.append(i)
@@ -182,24 +247,35 @@ class Plan:
 
     @property
     def cached(self) -> int:
-        """Inputs not computed for themselves: found in the cache, or repeating an earlier input."""
+        """Inputs not computed for themselves: found in the cache, repeating an earlier input,
+        or computed by another request in flight."""
         return len(self._slot) - len(self.todo)
 
-    def rows(self, computed: Sequence[FloatArray]) -> list[FloatArray]:
-        """Every input's vector, in input order, from the cache's and `computed` (one per `todo`)."""
-        return [computed[s] if s >= 0 else self._entry(i).vector for i, s in enumerate(self._slot)]
+    def resolve(self, position: int, entry: Cached) -> None:
+        """An awaited input's entry, as the request that computed it left it."""
+        del self.awaited[position]
+        self.found[position] = entry
+
+    def rows(self, computed: Sequence[FloatArray], redone: Mapping[int, FloatArray] | None = None) -> list[FloatArray]:
+        """Every input's vector, in input order, from the cache's, `computed` (one per `todo`) and
+        `redone` (by position: awaited inputs computed after all)."""
+        redone = redone or {}
+        return [
+            computed[s] if s >= 0 else redone[i] if i in redone else self._entry(i).vector
+            for i, s in enumerate(self._slot)
+        ]
 
     def tokens(self, lengths: Sequence[int], truncated: Sequence[int]) -> tuple[int, int]:
         """(tokens, truncated inputs) over every input, from the cache's and the computed ones'
-        (`lengths` and `truncated` positions, of `todo`), as the request would count them uncached."""
+        (`lengths` and `truncated` positions, of `todo`), as the request would count them uncached;
+        awaited inputs without an entry (computed after all) not included."""
         cut = set(truncated)
         tokens = inputs_cut = 0
         for i, s in enumerate(self._slot):
             if s >= 0:
                 tokens += lengths[s]
                 inputs_cut += s in cut
-            else:
-                entry = self._entry(i)
+            elif (entry := self.found[i]) is not None:
                 tokens += entry.tokens
                 inputs_cut += entry.truncated
         return tokens, inputs_cut
