@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from bench.harness import make_corpus, print_summary, step
 from bench.inprocess import DEFAULT_DENSE_MODEL, cpu_session, dense_model_files, server_defaults, server_forward_setup
-from bench.int8 import Batch, Measured, Texts, cpu_flags
+from bench.int8 import Batch, Measured, Texts, built, cpu_flags, measure_accuracy
 from bench.report import table
 from embedserve.models import resolve_model_path
 
@@ -88,18 +88,6 @@ VARIANTS: dict[str, Variant] = {
     "o0-mha": ("o0 with MultiHeadAttention (unpacked QKV)", fused(0, use_multi_head_attention=True), "all"),
     "o0-fastgelu": ("o0 with GELU approximated (FastGelu, tanh)", fused(0, enable_gelu_approximation=True), "all"),
 }
-
-
-def built(name: str, build: Build, fp32: Path, cache_dir: Path) -> Path:
-    """The variant's model file, built from `fp32` the first time."""
-    target = cache_dir / "bench-models" / "graph" / f"{fp32.parent.name}-{name}-v{RECIPES_VERSION}.onnx"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        work = target.with_suffix(".part.onnx")
-        step(f"building {name}")
-        build(fp32, work)
-        work.replace(target)
-    return target
 
 
 def measure_speed(
@@ -180,20 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     sessions = {BASELINE: cpu_session(fp32, threads, spinning)}
     for name in chosen:
         _, build, level = VARIANTS[name]
-        file = fp32 if build is None else built(name, build, fp32, args.cache_dir)
+        file = fp32 if build is None else built(name, build, fp32, args.cache_dir, "graph", RECIPES_VERSION)
         sessions[name] = cpu_session(file, threads, spinning, level)
     results = {BASELINE: Measured("the fp32 export as the server loads it (ORT_ENABLE_ALL)")}
     results |= {n: Measured(VARIANTS[n][0]) for n in chosen}
     texts = Texts()
     batches = texts.batches(make_corpus(args.texts, args.seed, max_words=args.max_words), args.batch_size)
     measure_speed(sessions, batches, args.rounds, results)
-    step("accuracy")
     accuracy = texts.batches(
         make_corpus(args.accuracy_texts, args.seed + 1000, max_words=args.max_words), args.batch_size
     )
-    reference = texts.vectors(sessions[BASELINE], accuracy)
-    for name, session in sessions.items():
-        results[name].cosines["corpus"] = np.sum(texts.vectors(session, accuracy) * reference, axis=1)
+    measure_accuracy(sessions, {"corpus": accuracy}, texts, results)  # cosine to BASELINE's ("fp32") vectors
     report = [
         f"CPU: {cpu_flags()}; {threads} intra-op thread(s) per session, batches of {args.batch_size}",
         f"throughput: {args.texts} texts of 8-{args.max_words} words, {args.rounds} rounds alternating order; "

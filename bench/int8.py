@@ -487,9 +487,12 @@ def recipes(tokenizer: TextTokenizer) -> dict[str, tuple[str, Build]]:
     }
 
 
-def built(name: str, build: Build, fp32: Path, cache_dir: Path) -> Path:
-    """The variant's model file, built from `fp32` the first time."""
-    target = cache_dir / "bench-models" / "int8" / f"{fp32.parent.name}-{name}-v{RECIPES_VERSION}.onnx"
+def built(
+    name: str, build: Build, fp32: Path, cache_dir: Path, bench: str = "int8", version: int = RECIPES_VERSION
+) -> Path:
+    """The variant's model file, built from `fp32` the first time, kept under the cache folder
+    for `bench` (int8, or bench.graph's) and named after its recipes' `version`."""
+    target = cache_dir / "bench-models" / bench / f"{fp32.parent.name}-{name}-v{version}.onnx"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         work = target.with_suffix(".part.onnx")
