@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from embedserve.engine.types import Priority
 from embedserve.kinds import Capability
 from embedserve.models import bundled_path
 from embedserve.settings import DEFAULT_DENSE_MODEL, DEFAULT_SPARSE_MODEL
@@ -212,7 +213,9 @@ def test_embed_stream_stops_reading_when_the_client_stops_reading(
 
     def requests() -> Iterator[pb.EmbedStreamRequest]:
         for i in range(offered):
-            request = pb.EmbedRequest(inputs=[f"{i} {text}"] * per_request, encoding=pb.VECTOR_ENCODING_FLOAT)
+            # Not "<n> x": that is what tests.texts.fresh("x") makes, which later tests need unseen.
+            inputs = [f"backpressure {i} {text}"] * per_request
+            request = pb.EmbedRequest(inputs=inputs, encoding=pb.VECTOR_ENCODING_FLOAT)
             yield pb.EmbedStreamRequest(id=str(i), request=request)
 
     # No BDP probing: the client's receive window stays at HTTP/2's 64 KB, so the transport
@@ -240,35 +243,66 @@ def test_concurrent_small_and_large_requests_all_get_their_own_vectors(server: R
         assert cosine(got, expected[i : i + 1 + i % 5]).min() >= 0.99999
 
 
-def test_cancelled_stream_drops_its_queued_work(server: RunningServer) -> None:
+def settled(server: RunningServer) -> Any:
+    """The default dense model's scheduler, once it holds no work of an earlier test (whose last
+    calls may still be computed after they returned, e.g. a stream a test left)."""
     scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
+    deadline = time.monotonic() + 60
+    while scheduler.queued and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler.queued == 0, f"{scheduler.queued} inputs of earlier tests still queued"
+    return scheduler
+
+
+def test_cancelled_stream_drops_its_queued_work(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler = settled(server)
+    workers = scheduler._executors[Priority.BULK]._max_workers  # the bulk workers: two on CPU
+    forward = threading.Event()
+    started: list[int] = []  # inputs of each forward pass begun
+    real_run = scheduler._run_batch
+
+    def held_run_batch(items: Any) -> Any:  # every forward pass waits until the test lets it go
+        started.append(len(items))
+        forward.wait(30)
+        return real_run(items)
+
+    monkeypatch.setattr(scheduler, "_run_batch", held_run_batch)
     text = " ".join(["cancel"] * 60)
     release = threading.Event()
 
     def requests() -> Iterator[pb.EmbedStreamRequest]:
         for i in range(server.settings.stream_window):
-            yield pb.EmbedStreamRequest(id=str(i), request=pb.EmbedRequest(inputs=fresh_texts(text, 128)))
+            yield pb.EmbedStreamRequest(id=str(i), request=pb.EmbedRequest(inputs=fresh_texts(text, 512)))
         release.wait(30)  # keep the stream open, as a bulk client would
 
     call = server.stub().EmbedStream(requests())
-    # The stream is held to QUEUE_SECONDS of work (~4 of its requests here); the rest wait for room.
-    deadline = time.monotonic() + 10
-    while scheduler.queued < 256 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert scheduler.queued >= 256
-    call.cancel()
-    release.set()
-    deadline = time.monotonic() + 10
+    try:
+        # Each worker holds a batch in its forward pass; the rest of what was admitted waits.
+        deadline = time.monotonic() + 10
+        while (len(started) < workers or scheduler.queued <= sum(started)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        running = sum(started)
+        assert len(started) == workers and scheduler.queued > running, (started, scheduler.queued)
+        call.cancel()
+        deadline = time.monotonic() + 10
+        while scheduler.queued > running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.queued <= running  # dropped while the forward passes were still held
+    finally:
+        forward.set()
+        release.set()
+    deadline = time.monotonic() + 30
     while scheduler.queued > 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert scheduler.queued == 0
+    assert sum(started) == running  # no forward pass of the cancelled stream's texts began after
 
 
 class LaneRecorder:
     """Records the lane and tenant of every job the default dense model's scheduler admits."""
 
     def __init__(self, server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
-        scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
+        scheduler = settled(server)
         self.jobs: list[tuple[str, str]] = []
         real_admit = scheduler.admit
 
@@ -330,7 +364,7 @@ def test_a_malformed_priority_header_is_invalid_argument_naming_the_values(serve
 def test_on_cpu_queries_run_on_a_thread_of_their_own_and_bulk_on_two_forward_workers(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scheduler = server.engine.registry.find("", Capability.EMBED).scheduler
+    scheduler = settled(server)
     threads: list[tuple[int, str]] = []
     nice: dict[str, int] = {}
     real_run = scheduler._run_batch
