@@ -20,6 +20,8 @@ from embedserve_client.errors import from_rpc_error
 
 # The server's default MAX_MESSAGE_BYTES (this distribution cannot import the server's settings).
 _MAX_MESSAGE_BYTES = 64 << 20
+# gRPC's load-balancing policies that need no configuration beyond their name.
+LoadBalancing = Literal["pick_first", "round_robin"]
 _KINDS = {pb.MODEL_KIND_DENSE: "dense", pb.MODEL_KIND_SPARSE: "sparse", pb.MODEL_KIND_RERANK: "rerank"}
 
 
@@ -61,7 +63,14 @@ class ModelInfo:
 
 
 class AsyncClient:
-    """An async embedserve client. Use `async with AsyncClient(...) as client:` or call `close()`."""
+    """An async embedserve client. Use `async with AsyncClient(...) as client:` or call `close()`.
+
+    `target` is any gRPC target: "host:port", or several servers, such as
+    "ipv4:10.0.0.1:50051,10.0.0.2:50051" or "dns:///embedserve-headless:50051" (every address the
+    name resolves to). gRPC's default `load_balancing`, "pick_first", sends every call to the
+    first server that answers; "round_robin" spreads calls, and so bulk_embed's streams, over all
+    of them, and a call made after one is gone goes to the others.
+    """
 
     def __init__(
         self,
@@ -71,11 +80,14 @@ class AsyncClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
         timeout: float | None = None,
+        load_balancing: LoadBalancing = "pick_first",
     ) -> None:
-        options = [
+        options: list[tuple[str, str | int]] = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
         ]
+        if load_balancing != "pick_first":  # gRPC's default: left unset, as without the option
+            options.append(("grpc.lb_policy_name", load_balancing))
         if tls or root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
@@ -225,6 +237,7 @@ class AsyncClient:
         *,
         batch_size: int = 64,
         window: int = 16,
+        streams: int = 1,
         progress: bool = False,
         max_retries: int = 8,
         model: str = "",
@@ -244,6 +257,7 @@ class AsyncClient:
         *,
         batch_size: int = 64,
         window: int = 16,
+        streams: int = 1,
         progress: bool = False,
         max_retries: int = 8,
         model: str = "",
@@ -262,6 +276,7 @@ class AsyncClient:
         *,
         batch_size: int = 64,
         window: int = 16,
+        streams: int = 1,
         progress: bool = False,
         max_retries: int = 8,
         model: str = "",
@@ -275,11 +290,23 @@ class AsyncClient:
     ) -> AsyncIterator[Vectors | None]:
         """Yields one vector per text, in input order, streaming any iterable through EmbedStream.
 
-        At most `window` requests of `batch_size` texts are unanswered at a time. A transient
-        failure (UNAVAILABLE, RESOURCE_EXHAUSTED, a broken stream, even one grpc-core reports as
-        INTERNAL) re-opens the stream and re-sends only the unanswered batches, up to
-        `max_retries` times in a row, 0.2 s apart doubling up to 5 s (the default 8: ~21 s, enough
-        for a server restarted in 10 s); no text is lost or repeated.
+        `streams` EmbedStream calls run at once, taking batches of `batch_size` texts from one
+        queue; each stream is a call of its own, so Envoy (or the client's round_robin
+        `load_balancing` over several addresses) spreads them over replicas. At most `window`
+        requests are unanswered on each stream, and at most `streams * window` batches are held
+        at a time besides the one being yielded, counting those answered before an earlier one
+        and waiting for it: a slow stream (or a slow consumer) holds the others back rather than
+        letting them run ahead, so memory stays within `(streams * window + 1) * batch_size`
+        vectors however the answers arrive.
+
+        A transient failure of a stream (UNAVAILABLE, RESOURCE_EXHAUSTED, a broken stream, even
+        one grpc-core reports as INTERNAL) puts its unanswered batches back at the front of the
+        queue, to be sent again by whichever stream is free first, and re-opens it, up to
+        `max_retries` times in a row for that stream (no answer on it in between), 0.2 s apart
+        doubling up to 5 s (the default 8: ~21 s, enough for a server restarted in 10 s). A
+        stream that fails more often gives up and leaves its share to the others; the run raises
+        only once every stream has given up. Each batch is answered once: no text is lost or
+        repeated.
 
         An input the server rejects (empty, over the model's max tokens with truncate=False) or
         that protobuf cannot send (not a str) is an InvalidArgumentError whose `index` is its
@@ -306,6 +333,7 @@ class AsyncClient:
             texts,
             batch_size=batch_size,
             window=window,
+            streams=streams,
             progress=progress,
             max_retries=max_retries,
             on_invalid=on_invalid,

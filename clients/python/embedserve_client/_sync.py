@@ -8,7 +8,7 @@ from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
-from embedserve_client._async import AsyncClient, ModelInfo, RerankResult, SparseVector
+from embedserve_client._async import AsyncClient, LoadBalancing, ModelInfo, RerankResult, SparseVector
 from embedserve_client._bulk import OnInvalid
 from embedserve_client._vectors import Vectors
 
@@ -16,7 +16,7 @@ T = TypeVar("T")
 
 
 class Client:
-    """A blocking embedserve client with the same methods as AsyncClient."""
+    """A blocking embedserve client with the same methods and options as AsyncClient."""
 
     def __init__(
         self,
@@ -26,13 +26,21 @@ class Client:
         tls: bool = False,
         root_certificates: bytes | None = None,
         timeout: float | None = None,
+        load_balancing: LoadBalancing = "pick_first",
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="embedserve-client", daemon=True)
         self._thread.start()
 
         async def build() -> AsyncClient:
-            return AsyncClient(target, api_key=api_key, tls=tls, root_certificates=root_certificates, timeout=timeout)
+            return AsyncClient(
+                target,
+                api_key=api_key,
+                tls=tls,
+                root_certificates=root_certificates,
+                timeout=timeout,
+                load_balancing=load_balancing,
+            )
 
         self._client = self._run(build())
 
@@ -84,8 +92,10 @@ class Client:
         self, texts: Iterable[str], *, on_invalid: OnInvalid = "raise", **kwargs: Any
     ) -> Iterator[Vectors | None]:
         """Yields one vector per text, in input order, None for a skipped one (on_invalid="skip");
-        see AsyncClient.bulk_embed. A `skipped` list is filled on the background loop thread, each
-        entry before its None is yielded here."""
+        see AsyncClient.bulk_embed for the options (batch_size, window, streams, ...). The streams
+        run on the background loop, which reads ahead as far as the bounds let it while this
+        thread consumes. A `skipped` list is filled on the background loop thread, each entry
+        before its None is yielded here."""
         stream = self._client.bulk_embed(texts, on_invalid=on_invalid, **kwargs)
 
         async def step() -> tuple[bool, Vectors | None]:
