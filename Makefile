@@ -70,9 +70,11 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The server (gRPC on :50051) and Envoy (REST and gRPC on :8080) on the bundled default models.
+# The server (gRPC on :50051) and Envoy (REST and gRPC on :8080) on the bundled default models;
+# REPLICAS=N runs N servers (gRPC on :50051, :50052, ...) behind the one Envoy.
+REPLICAS ?= 1
 run: install
-	$(BIN)/python envoy/gateway.py --with-server
+	$(BIN)/python envoy/gateway.py --with-server --replicas $(REPLICAS)
 
 bench: install
 	$(BIN)/python -m bench.embed

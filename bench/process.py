@@ -123,7 +123,13 @@ class ServerProcess:
     code, or a `Baseline` commit's); every line it logs (stderr) is kept in `lines`. As a context
     manager it stops the server on exit and raises when the server did not exit 0."""
 
-    def __init__(self, flags: Sequence[str], startup_timeout: float = 180.0, code: Baseline | None = None) -> None:
+    def __init__(
+        self,
+        flags: Sequence[str],
+        startup_timeout: float = 180.0,
+        code: Baseline | None = None,
+        cores: set[int] | None = None,
+    ) -> None:
         self.command = [sys.executable, "-m", "embedserve", "--host", "127.0.0.1", "--port", "0", *flags]
         # A metrics port of its own (by environment: a Baseline's code may not know the flag), so
         # that servers side by side, or beside `make run`, never want the same one. The vector
@@ -132,6 +138,11 @@ class ServerProcess:
         # round (bench.cache measures the cache, with the flag).
         env = {**(os.environ if code is None else code.environ()), "METRICS_PORT": "0", "VECTOR_CACHE_BYTES": "0"}
         self.proc = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True, env=env)
+        if cores is not None:
+            # On `cores` only: set while the interpreter starts, before any thread of its own (each
+            # inherits it) and before the server counts its cores for its default threads.
+            os.sched_setaffinity(self.proc.pid, cores)
+        self.killed = False  # by kill(): its exit code is no failure
         self.lines: list[str] = []
         self._port: int | None = None
         self._ready = threading.Event()
@@ -176,12 +187,17 @@ class ServerProcess:
             self.proc.kill()
             return self.proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would end it."""
+        self.killed = True
+        self.proc.kill()
+
     def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         code = self.stop()
-        if kind is None and code != 0:
+        if kind is None and code != 0 and not self.killed:
             raise RuntimeError(f"server exited {code} after SIGTERM:\n" + self.tail())
 
 
@@ -238,8 +254,17 @@ class GatewayModule(Protocol):
     """What benches and tests use of envoy/gateway.py."""
 
     def write_config(
-        self, workdir: Path, listen: str, upstream: str, max_message_bytes: int | None = ..., metrics: str | None = ...
+        self,
+        workdir: Path,
+        listen: str,
+        upstream: str | Sequence[str],
+        max_message_bytes: int | None = ...,
+        metrics: str | None = ...,
+        admin_port: int | None = ...,
+        max_requests: int | None = ...,
     ) -> Path: ...
+
+    def core_shares(self, cores: Sequence[int], count: int) -> list[set[int]] | None: ...
 
     def start(self, config: Path, listen: str, log_level: str = ...) -> subprocess.Popen[str]: ...
 
@@ -264,11 +289,11 @@ def load_gateway() -> GatewayModule:
 
 class Gateway:
     """Envoy on 127.0.0.1:<free port>, configured by envoy/gateway.py as `make run` does, in
-    front of `upstream` (host:port), with GET /metrics forwarded to `metrics` (the server's
+    front of `upstream` (host:port, or a list of them: replicas), with GET /metrics forwarded to `metrics` (the server's
     metrics port, host:port; None: as write_config defaults). As a context manager it stops Envoy
     on exit."""
 
-    def __init__(self, upstream: str, metrics: str | None = None) -> None:
+    def __init__(self, upstream: str | Sequence[str], metrics: str | None = None) -> None:
         gateway = load_gateway()
         self._workdir = tempfile.TemporaryDirectory(prefix="embedserve-envoy-")
         self.port = free_port()

@@ -4,22 +4,42 @@ embedserve.v1.OpenAIService from a descriptor set built from proto/ at start, ne
 committed copy.
 
 Usage:
-  python envoy/gateway.py [--listen HOST:PORT] [--upstream HOST:PORT]
-      Envoy alone, in front of a server that is already running.
-  python envoy/gateway.py --with-server [--listen HOST:PORT] [-- SERVER ARGS ...]
+  python envoy/gateway.py [--listen HOST:PORT] [--upstream HOST:PORT[,HOST:PORT...]] [--replicas N]
+      Envoy alone, in front of servers that are already running: those --upstream names, or
+      with --replicas N the N at its port, port + 1, ... (one upstream address).
+  python envoy/gateway.py --with-server [--replicas N] [--listen HOST:PORT] [-- SERVER ARGS ...]
       The server (`python -m embedserve SERVER ARGS`) and Envoy together, as `make run` does;
-      Ctrl-C or SIGTERM stops both (the server drains first) and exits 0.
+      Ctrl-C or SIGTERM stops both (the server drains first) and exits 0. With --replicas N
+      (`make run REPLICAS=N`; or GATEWAY_REPLICAS), N servers behind the one Envoy: replica i
+      (from 0) on EMBEDSERVE_PORT + i, its metrics on METRICS_PORT + i; /metrics serves replica
+      0's. Each replica's DRAIN_DELAY, where it is `auto`, is 2 s (two health-check intervals).
+
+Replicas and cores: one process's default threads (INTRA_OP_THREADS = cores / FORWARD_WORKERS)
+count the cores it may run on. With N > 1 replicas and at least N cores, replica i runs on the
+i-th of N equal runs of the launcher's cores (CPU affinity), so that its defaults count its own
+share; with more replicas than cores they share them all, and INTRA_OP_THREADS=1
+FORWARD_WORKERS=1 (or as many as make replicas x workers x threads about the cores) keeps them
+from running more threads than there are cores. On Kubernetes, each pod's CPU limit does it.
+
+Envoy balances calls over the replicas (least requests), checks each one's gRPC health every
+second (a replica that reports NOT_SERVING gets no new call within a second, one that fails
+twice in a row or answers 5xx five times in a row none for 5 s), retries a unary embedding call
+that a replica failed before answering (connect failure, reset, refused, UNAVAILABLE: they are
+idempotent) on another replica, and refuses calls beyond what the replicas admit together with
+RESOURCE_EXHAUSTED / 429 (envoy.yaml says why each value). A replica rolls without a failed call:
+SIGTERM (`kill -TERM <its pid>`, logged at its start) makes it report NOT_SERVING, still accept
+calls for its DRAIN_DELAY while Envoy notices, then finish what it has within GRACE_PERIOD and
+exit 0, and the launcher starts it again.
 
 The launcher supervises what it started: a process that exits without being asked to is
-restarted with the same command and config, the other left running. Envoy is back within about a
-second, and clients of the server's own port never notice; a restarted server is back once its
-models have loaded (/health follows Envoy's health checks, every 5 s while the server serves and
-every second while not: it turns 503 for a gap longer than that, and 200 again within a second
-of the server's return). Each restart is logged with the exit code. A restart waits 0.5 s, twice
-as long for each restart of the last 60 s (0.5, 1, 2, 4, 8 s); a process that needs a sixth
-restart within 60 s is crashing in a loop, and the launcher stops the other and exits 1. A
-server that exits 2 (a configuration it cannot start with; its message says what to change) is
-not restarted: the launcher exits 2.
+restarted with the same command and config, the others left running. Envoy is back within about
+a second, and clients of a server's own port never notice; a restarted server is back once its
+models have loaded (/health follows Envoy's health checks, every second: it is 200 while a
+replica serves, and turns 503 for the time none does). Each restart is logged with the exit
+code. A restart waits 0.5 s, twice as long for each restart of the last 60 s (0.5, 1, 2, 4, 8 s);
+a process that needs a sixth restart within 60 s is crashing in a loop, and the launcher stops
+the others and exits 1. A server that exits 2 (a configuration it cannot start with; its
+message says what to change) is not restarted: the launcher exits 2.
 
 Defaults: listen on $GATEWAY_LISTEN or 127.0.0.1:8080 (this machine only; the image's Envoy stage
 renders 0.0.0.0:8080); upstream $GATEWAY_UPSTREAM or 127.0.0.1 at
@@ -31,6 +51,7 @@ limit is always the server's MAX_MESSAGE_BYTES.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import queue
@@ -89,6 +110,13 @@ RESTART_WINDOW_S = 60.0
 # What `python -m embedserve` exits with for a configuration it cannot start with (embedserve.cli):
 # a restart would only repeat the message.
 CONFIG_ERROR_EXIT = 2
+# How many replicas an upstream that is a host name stands for, in the circuit breakers' default
+# (default_max_requests): more than deploy/'s autoscaler runs; a config for more passes max_requests.
+NAME_REPLICAS = 16
+# The DRAIN_DELAY that `auto` gives replicas (--replicas N > 1): two of Envoy's health-check
+# intervals (envoy.yaml), so that Envoy has seen a draining replica report NOT_SERVING, and sends
+# its work elsewhere, before it refuses new calls.
+REPLICA_DRAIN_DELAY_S = 2.0
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -101,42 +129,84 @@ def _split(address: str) -> tuple[str, int]:
 def write_config(
     workdir: Path,
     listen: str,
-    upstream: str,
+    upstream: str | Sequence[str],
     max_message_bytes: int | None = None,
     metrics: str | None = None,
     admin_port: int | None = None,
+    max_requests: int | None = None,
 ) -> Path:
-    """Writes a self-contained config folder for these addresses (the upstream host may be a
-    name, such as a compose service): envoy.yaml, the descriptor set built from proto/ and the
-    Lua filter, referenced by their paths inside `workdir`. Request bodies are limited to the
-    server's `max_message_bytes` (default: its setting from the environment). GET /metrics is
-    forwarded to `metrics`, the server's metrics port as host:port (default: `metrics_upstream`
-    of the settings from the environment; "": none, and /metrics answers 503), and GET
-    /metrics/envoy to Envoy's admin API on 127.0.0.1:`admin_port` (default: a free port)."""
-    if max_message_bytes is None or metrics is None:
+    """Writes a self-contained config folder for these addresses: envoy.yaml, the descriptor set
+    built from proto/ and the Lua filter, referenced by their paths inside `workdir`.
+
+    `upstream` is the replicas: host:port, several of them (a list, or one string with commas),
+    each an IP (one replica) or a name that Envoy resolves every 2 s and of which every address
+    is a replica (a compose service; a Kubernetes headless Service, one address per ready pod).
+    Request bodies are limited to the server's `max_message_bytes` (default: its setting from
+    the environment). GET /metrics is forwarded to `metrics`, a server's metrics port as
+    host:port (default: `metrics_upstream` of the first upstream and the settings from the
+    environment; "": none, and /metrics answers 503), and GET /metrics/envoy to Envoy's admin API
+    on 127.0.0.1:`admin_port` (default: a free port). Envoy refuses a call beyond `max_requests`
+    in flight to all replicas together with RESOURCE_EXHAUSTED / 429 (default:
+    `default_max_requests` of the settings from the environment)."""
+    upstreams = upstream_list(upstream)
+    if max_message_bytes is None or metrics is None or max_requests is None:
         settings = load_settings([])
         max_message_bytes = settings.max_message_bytes if max_message_bytes is None else max_message_bytes
-        metrics = metrics_upstream(upstream, settings.metrics_port) if metrics is None else metrics
+        metrics = metrics_upstream(upstreams[0], settings.metrics_port) if metrics is None else metrics
+        max_requests = default_max_requests(upstreams, settings) if max_requests is None else max_requests
     descriptor = gen_proto.descriptor_set(workdir / "embedserve.pb")
     listen_host, listen_port = _split(listen)
-    upstream_host, upstream_port = _split(upstream)
     template = TEMPLATE.read_text()
     config = string.Template(template).substitute(
         **write_docs(workdir, descriptor, template),
         listen_host=listen_host,
         listen_port=listen_port,
-        upstream_host=upstream_host,
-        upstream_port=upstream_port,
+        upstream_endpoints=json.dumps([e for address in upstreams for e in _endpoints(address)]),
         descriptor=descriptor,
         openai_errors_lua=write_lua(workdir, descriptor),
         max_request_bytes=max_message_bytes,
         max_response_bytes=max_message_bytes * RESPONSE_TO_REQUEST_BYTES,
         metrics_endpoints=json.dumps(_endpoints(metrics)),
         admin_port=admin_port or _free_loopback_port(),
+        max_requests=max_requests,
     )
     path = workdir / "envoy.yaml"
     path.write_text(config)
     return path
+
+
+def upstream_list(upstream: str | Sequence[str]) -> list[str]:
+    """The replicas' addresses: a list of host:port, or one string of them separated by commas."""
+    parts = upstream.split(",") if isinstance(upstream, str) else list(upstream)
+    addresses = [part.strip() for part in parts if part.strip()]
+    if not addresses:
+        raise SystemExit(f"expected HOST:PORT[,HOST:PORT...], got {upstream!r}")
+    for address in addresses:
+        _split(address)  # refuses what is not HOST:PORT
+    return addresses
+
+
+def replica_upstreams(upstream: str, replicas: int) -> list[str]:
+    """The addresses of `replicas` replicas from `upstream` on: its host, at its port + i."""
+    host, port = _split(upstream)
+    host = f"[{host}]" if ":" in host else host
+    return [f"{host}:{port + i}" for i in range(replicas)]
+
+
+def default_max_requests(upstreams: Sequence[str], settings: Settings) -> int:
+    """What the replicas admit together: MAX_CONCURRENCY unary calls and MAX_STREAMS streams
+    each, an upstream that is a name counting as NAME_REPLICAS replicas (it stands for as many
+    as it resolves to, which a config written before they run cannot know)."""
+    replicas = sum(1 if _is_ip(_split(address)[0]) else NAME_REPLICAS for address in upstreams)
+    return replicas * (settings.max_concurrency + settings.max_streams)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def metrics_upstream(upstream: str, metrics_port: int | None) -> str:
@@ -367,13 +437,15 @@ class RestartBudget:
 @dataclass(eq=False)
 class Child:
     """A process the launcher keeps running: how to start it (returning once it is up), how long
-    it may take to stop, the exit code after which a restart is pointless, the running process
-    (None while a restart is pending) and its restart budget."""
+    it may take to stop, the exit code after which a restart is pointless, when it is stopped
+    (children of a lower `wave` first, those of one wave together), the running process (None
+    while a restart is pending) and its restart budget."""
 
     name: str
     launch: Callable[[], subprocess.Popen[str] | subprocess.Popen[bytes]]
     grace_s: float
     final_exit: int | None = None
+    wave: int = 0
     process: subprocess.Popen[str] | subprocess.Popen[bytes] | None = None
     budget: RestartBudget = field(default_factory=RestartBudget)
 
@@ -481,18 +553,34 @@ class Supervisor:
         return None
 
     def _stop_all(self, code: int) -> int:
-        """Stops every child in order; returns `code`, or 1 when one stopped here neither exited
-        0 nor ended on the SIGTERM it was sent (a server whose drain failed, or was killed)."""
+        """Stops every child, wave by wave (the replicas drain together, then Envoy stops);
+        returns `code`, or 1 when one stopped here neither exited 0 nor ended on the SIGTERM it
+        was sent (a server whose drain failed, or was killed)."""
         failed = False
-        for child in self._children:
-            if child.process is not None:
-                _stop(child.process, child.grace_s)
-                failed = failed or child.process.returncode not in (0, -signal.SIGTERM)
+        for wave in sorted({child.wave for child in self._children}):
+            stopping = [c for c in self._children if c.wave == wave and c.process is not None]
+            _stop_together([(c.process, c.grace_s) for c in stopping if c.process is not None])
+            failed = failed or any(c.process is not None and c.process.returncode not in (0, -signal.SIGTERM)
+                                   for c in stopping)  # fmt: skip
         return code or int(failed)
 
 
+def _stop_together(processes: Sequence[tuple[subprocess.Popen[str] | subprocess.Popen[bytes], float]]) -> None:
+    """SIGTERM to each process at once, then SIGKILL to each that has not exited within its grace."""
+    started = time.monotonic()
+    for process, _ in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process, grace_s in processes:
+        try:
+            process.wait(max(0.0, started + grace_s - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs Envoy (and with --with-server the server too) until interrupted."""
+    """Runs Envoy (and with --with-server the server, or its replicas, too) until interrupted."""
     args = list(sys.argv[1:] if argv is None else argv)
     server_args = args[args.index("--") + 1 :] if "--" in args else []
     try:
@@ -503,45 +591,131 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listen", default=os.environ.get("GATEWAY_LISTEN", "127.0.0.1:8080"))
     parser.add_argument("--upstream", default=os.environ.get("GATEWAY_UPSTREAM", f"127.0.0.1:{server_settings.port}"))
+    parser.add_argument("--replicas", type=int, default=os.environ.get("GATEWAY_REPLICAS", "1"))
     parser.add_argument("--with-server", action="store_true", help="also run `python -m embedserve`")
     parser.add_argument("--log-level", default="warn", help="Envoy's log level")
     options = parser.parse_args(args[: args.index("--")] if "--" in args else args)
+    if options.replicas < 1 or (options.replicas > 1 and "," in options.upstream):
+        print(f"gateway: --replicas {options.replicas} needs to be 1 or more, with one --upstream address (the "
+              "first replica's; replica i is at its port + i)", file=sys.stderr)  # fmt: skip
+        return 2
+    upstreams = replica_upstreams(options.upstream, options.replicas) if options.replicas > 1 else options.upstream
+    replicas = Replicas(server_args, server_settings, options.replicas)
+    if options.with_server and (problem := replicas.problem()):
+        print(f"embedserve: configuration error: {problem}", file=sys.stderr)
+        return 2
 
     with tempfile.TemporaryDirectory(prefix="embedserve-envoy-") as workdir:
-        metrics = metrics_upstream(options.upstream, server_settings.metrics_port)
+        metrics = metrics_upstream(upstream_list(upstreams)[0], server_settings.metrics_port)
         if not metrics:
             port = "off" if server_settings.metrics_port is None else server_settings.metrics_port
             print(f"gateway: the server's METRICS_PORT is {port}, so /metrics answers 503: set METRICS_PORT to a "
                   "port for Envoy to serve the server's metrics", file=sys.stderr)  # fmt: skip
-        config = write_config(
-            Path(workdir), options.listen, options.upstream, server_settings.max_message_bytes, metrics
-        )
-        children = [_envoy(config, options.listen, options.upstream, options.log_level)]
+        elif options.replicas > 1:
+            print(f"gateway: /metrics serves the first replica's metrics ({metrics}); replica i serves its own on "
+                  "METRICS_PORT + i", file=sys.stderr)  # fmt: skip
+        config = write_config(Path(workdir), options.listen, upstreams, server_settings.max_message_bytes, metrics)
+        children = [_envoy(config, options.listen, upstreams, options.log_level)]
         if options.with_server:
-            # First, so that it loads its models while Envoy starts, and is drained first on stop
-            # (SIGTERM: it finishes in-flight requests within its grace period).
-            children.insert(0, _server(server_args, grace_s=server_settings.grace_period + 30))
+            # First, so that they load their models while Envoy starts; drained before Envoy
+            # stops (SIGTERM: each finishes its in-flight requests within its grace period).
+            children[:0] = replicas.children()
         supervisor = Supervisor(children)
         signal.signal(signal.SIGTERM, supervisor.stop_soon)
         signal.signal(signal.SIGINT, supervisor.stop_soon)
         return supervisor.run()
 
 
-def _server(server_args: Sequence[str], grace_s: float) -> Child:
+class Replicas:
+    """The servers `--with-server --replicas N` runs: `python -m embedserve SERVER ARGS`, replica i
+    (from 0) with --port and --metrics-port moved up by i. With N > 1 each gets DRAIN_DELAY
+    REPLICA_DRAIN_DELAY_S where it is `auto`, and, where the cores allow one each, a share of
+    the launcher's cores (CPU affinity), so that its default threads (INTRA_OP_THREADS: cores /
+    forward workers) count its own share and not every core N times. One replica is `make run`'s
+    server, as it always was."""
+
+    def __init__(self, server_args: Sequence[str], settings: Settings, count: int) -> None:
+        self._args, self._settings, self._count = list(server_args), settings, count
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cores: list[set[int]] | None = core_shares(cores, count)
+
+    def problem(self) -> str | None:
+        """Why these replicas cannot run, if they cannot."""
+        if self._count > 1 and self._settings.port == 0:
+            return ("EMBEDSERVE_PORT is 0 (a free port), but Envoy must know each replica's port: set it to the "
+                    "first replica's (replica i listens on EMBEDSERVE_PORT + i)")  # fmt: skip
+        return None
+
+    def children(self) -> list[Child]:
+        """One child per replica, each restarted on its own."""
+        drain_s = self._settings.drain_delay or 0.0
+        grace_s = drain_s + self._settings.grace_period + 30
+        if self._count == 1:
+            return [_server("server", self._args, grace_s, None)]
+        if self._settings.drain_delay is None:
+            grace_s += REPLICA_DRAIN_DELAY_S
+        if self.cores is None and not self._settings.intra_op_threads:
+            print(f"gateway: {self._count} replicas on fewer cores than that: each one's default threads count every "
+                  "core; set INTRA_OP_THREADS (and FORWARD_WORKERS) so that replicas x workers x threads is about "
+                  "the cores", file=sys.stderr)  # fmt: skip
+        cores: Sequence[set[int] | None] = self.cores or [None] * self._count
+        return [_server(f"server-{i}", [*self._args, *self._moved(i)], grace_s, cores[i]) for i in range(self._count)]
+
+    def _moved(self, i: int) -> list[str]:
+        """Replica i's flags beyond the shared ones (flags win over the environment and config)."""
+        flags = ["--port", str(self._settings.port + i)]
+        if self._settings.metrics_port:  # 0 picks a free one anyway; None is off
+            flags += ["--metrics-port", str(self._settings.metrics_port + i)]
+        if self._settings.drain_delay is None:
+            flags += ["--drain-delay", f"{REPLICA_DRAIN_DELAY_S:g}"]
+        return flags
+
+
+def core_shares(cores: Sequence[int], count: int) -> list[set[int]] | None:
+    """`cores` cut into `count` runs of consecutive ones, as even as can be; None for one
+    replica, or more replicas than cores (they would share cores anyway)."""
+    if count < 2 or count > len(cores):
+        return None
+    size, extra = divmod(len(cores), count)
+    shares, start = [], 0
+    for i in range(count):
+        end = start + size + (1 if i < extra else 0)
+        shares.append(set(cores[start:end]))
+        start = end
+    return shares
+
+
+def _server(name: str, server_args: Sequence[str], grace_s: float, cores: set[int] | None) -> Child:
     def launch() -> subprocess.Popen[bytes]:
         # Its own session: Ctrl-C reaches only the launcher, which stops the server first.
-        return subprocess.Popen([sys.executable, "-m", "embedserve", *server_args], start_new_session=True)
+        command = [sys.executable, "-m", "embedserve", *server_args]
+        if cores is None:
+            return subprocess.Popen(command, start_new_session=True)
+        # A child inherits the CPU affinity of the thread that starts it: this one's, for the
+        # moment it takes (preexec_fn is unsafe beside the launcher's other threads).
+        previous = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, cores)
+        try:
+            return subprocess.Popen(command, start_new_session=True)
+        finally:
+            os.sched_setaffinity(0, previous)
 
-    return Child("server", launch, grace_s, final_exit=CONFIG_ERROR_EXIT)
+    if cores is not None:
+        first, last = min(cores), max(cores)
+        print(f"gateway: {name} runs on core{'s' if last > first else ''} {first}{f'-{last}' if last > first else ''}",
+              file=sys.stderr)  # fmt: skip
+    return Child(name, launch, grace_s, final_exit=CONFIG_ERROR_EXIT)
 
 
-def _envoy(config: Path, listen: str, upstream: str, log_level: str) -> Child:
+def _envoy(config: Path, listen: str, upstream: str | Sequence[str], log_level: str) -> Child:
     def launch() -> subprocess.Popen[str]:
         process = start(config, listen, log_level)
-        print(f"envoy: REST and gRPC on {listen} -> embedserve at {upstream}", file=sys.stderr)
+        print(f"envoy: REST and gRPC on {listen} -> embedserve at {', '.join(upstream_list(upstream))}",
+              file=sys.stderr)  # fmt: skip
         return process
 
-    return Child("envoy", launch, grace_s=10)
+    # Last: it keeps routing (to the replicas that still serve) while the servers drain.
+    return Child("envoy", launch, grace_s=10, wave=1)
 
 
 if __name__ == "__main__":

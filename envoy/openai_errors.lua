@@ -322,7 +322,16 @@ function envoy_on_response(handle)
     handle:headers():replace(":status", "415")
   elseif grpc_status ~= nil and grpc_status ~= 0 then
     status = GRPC_STATUS[grpc_status] or {"unknown", "server_error"}
-    message = percent_decode(handle:headers():get("grpc-message") or "")
+    local grpc_message = handle:headers():get("grpc-message")
+    if grpc_message ~= nil then
+      message = percent_decode(grpc_message)
+    else
+      -- Envoy's own reply with a grpc-status (the circuit breakers', envoy.yaml's local reply
+      -- mapper) has its message in the body. Reading the body waits for it; header objects
+      -- taken before that are no longer valid.
+      local body = handle:body(true)
+      message = body ~= nil and body:getBytes(0, body:length()):gsub("%s+$", "") or ""
+    end
     if grpc_status == 8 and message:find("larger than max", 1, true) then
       -- gRPC's own limit on message size (the server's MAX_MESSAGE_BYTES), not an overload:
       -- a 429 would tell clients to retry the same request.

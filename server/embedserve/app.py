@@ -133,6 +133,37 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool)
         await health_servicer.set(name, status)
 
 
+# What the streams still open at the end of the grace period get to send their UNAVAILABLE
+# (StreamDrain) before gRPC cancels every call left.
+STREAM_END_S = 1.0
+
+
+async def drain(
+    settings: Settings, engine: Engine, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer
+) -> None:
+    """Stops serving without failing what a load balancer sends meanwhile: health goes
+    NOT_SERVING at once, new RPCs are still accepted for DRAIN_DELAY (long enough for the load
+    balancer's health checks to see it and send new work elsewhere), then refused (gRPC's GOAWAY:
+    what is still sent here is refused before it starts, and Envoy retries it on another replica);
+    the RPCs in flight get GRACE_PERIOD to finish. Each open EmbedStream answers the requests it
+    has read and ends with UNAVAILABLE, on which its client re-sends the rest on a new stream."""
+    delay_s = settings.drain_delay or 0.0
+    log.info(
+        "shutting down: NOT_SERVING%s",
+        f", still accepting new RPCs for {delay_s:g} s (DRAIN_DELAY) while load balancers notice" if delay_s else "",
+    )
+    await set_serving(health_servicer, False)
+    if delay_s:
+        await asyncio.sleep(delay_s)
+    log.info(
+        "draining: new RPCs refused, in-flight ones get up to %g s (GRACE_PERIOD); open streams end with "
+        "UNAVAILABLE once they have answered what they read",
+        settings.grace_period,
+    )
+    engine.end_streams(settings.grace_period)
+    await server.stop(settings.grace_period + STREAM_END_S)
+
+
 async def serve(
     settings: Settings,
     engine: Engine,
@@ -140,9 +171,9 @@ async def serve(
     ready: asyncio.Future[int] | None = None,
     metrics_ready: asyncio.Future[int | None] | None = None,
 ) -> None:
-    """Runs until SIGTERM/SIGINT (or `stop`): health goes NOT_SERVING, new RPCs are refused,
-    in-flight ones get the grace period to finish, then the engine shuts down. The metrics port
-    (`metrics_ready` gets it once bound; None: METRICS_PORT is off) serves until the end."""
+    """Runs until SIGTERM/SIGINT (or `stop`), then drains (`drain`) and shuts the engine down.
+    The metrics port (`metrics_ready` gets it once bound; None: METRICS_PORT is off) serves
+    until the end."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     health_ref: list[health.aio.HealthServicer] = []
@@ -191,9 +222,7 @@ async def serve(
     if metrics_ready is not None:
         metrics_ready.set_result(None if endpoint is None else endpoint.port)
     await stop.wait()
-    log.info("shutting down: NOT_SERVING, draining in-flight RPCs for up to %.0f s", settings.grace_period)
-    await set_serving(health_servicer, False)
-    await server.stop(settings.grace_period)
+    await drain(settings, engine, server, health_servicer)
     if endpoint is not None:
         await asyncio.to_thread(endpoint.close)
     await engine.close()

@@ -86,6 +86,11 @@ class StreamIdleError(EmbedServeError):
     """A stream sent nothing for too long with nothing in flight; the caller may open a new one."""
 
 
+class ShuttingDownError(EmbedServeError):
+    """The server is stopping (SIGTERM); the caller may send what is unanswered again, to another
+    replica or once this one is back."""
+
+
 class EngineFailedError(EmbedServeError):
     """The model worker crashed; a bug or a broken device, never the caller's fault."""
 
@@ -104,6 +109,7 @@ STATUS_CODES: dict[type[EmbedServeError], grpc.StatusCode] = {
     CancelledRequestError: grpc.StatusCode.CANCELLED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     StreamIdleError: grpc.StatusCode.UNAVAILABLE,
+    ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
     EngineFailedError: grpc.StatusCode.INTERNAL,
 }
 

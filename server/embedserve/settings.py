@@ -100,6 +100,11 @@ seconds = number_of("seconds")
 milliseconds = number_of("milliseconds")
 
 
+def seconds_or_auto(value: str, what: str) -> float | None:
+    """A number of seconds, 0 or more, or `auto` (None)."""
+    return None if value.strip().lower() == "auto" else seconds(value, what)
+
+
 def fraction(value: str, what: str) -> float:
     """A number from 0 to 1."""
     try:
@@ -377,7 +382,24 @@ class Settings:
         "where ONNX exports, and the startup timings of each model's forward pass, are cached",
         factory=lambda: Path.home() / ".cache" / "embedserve",
     )
-    grace_period: float = setting(10.0, "GRACE_PERIOD", seconds, "seconds in-flight RPCs get to finish after SIGTERM")
+    grace_period: float = setting(
+        10.0,
+        "GRACE_PERIOD",
+        seconds,
+        "seconds in-flight RPCs get to finish once the server stops accepting new ones (after SIGTERM and "
+        "`DRAIN_DELAY`); an open `EmbedStream` answers the requests it has read, then ends with `UNAVAILABLE` "
+        "(its client re-sends the rest on a new stream)",
+    )
+    # None: auto, which a server alone reads as 0; envoy/gateway.py gives its replicas more.
+    drain_delay: float | None = setting(
+        None,
+        "DRAIN_DELAY",
+        seconds_or_auto,
+        "seconds after SIGTERM that the server reports `NOT_SERVING` but still accepts new RPCs, so that a load "
+        "balancer's health checks see it go before it refuses anything; then `GRACE_PERIOD`. `auto`: 0 for a "
+        "server alone, 2 (two of Envoy's health-check intervals) for the replicas `envoy/gateway.py --replicas N` "
+        "starts with N > 1",
+    )
     max_message_bytes: int = setting(
         64 * 1024 * 1024,
         "MAX_MESSAGE_BYTES",

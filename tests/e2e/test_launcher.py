@@ -28,8 +28,7 @@ SERVING = re.compile(r"serving embedserve\.v1\.EmbeddingService")
 # How long a restarted server may take to load the dense model and serve again.
 SERVER_START_S = 120.0
 # How long Envoy may take to answer /health 200 again after a server restart: its health checks
-# run every second while the server is unhealthy (and every 5 s while it is healthy, which is how
-# long Envoy may take to notice that the server is gone).
+# run every second (and a server that it could not reach twice in a row stays out for 5 s).
 HEALTH_RECOVERY_S = 20.0
 
 
@@ -78,6 +77,10 @@ class Launcher:
             "--", "--host", "127.0.0.1", "--port", str(grpc_port), "--model-names", DEFAULT_DENSE_MODEL,
             "--cache-dir", str(CACHE_DIR), "--metrics-port", str(metrics_port),
         ]  # fmt: skip
+        self._follow(command)
+
+    def _follow(self, command: list[str]) -> None:
+        """Starts `command` and keeps every line it logs."""
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._closed = False

@@ -15,7 +15,7 @@ from embedserve.engine import results, validation
 from embedserve.engine.kinds import RERANK
 from embedserve.engine.registry import Registry, ServedModel, is_kind
 from embedserve.engine.scheduler import Job, Ticket
-from embedserve.engine.streaming import windowed
+from embedserve.engine.streaming import StreamDrain, windowed
 from embedserve.engine.threads import lower_priority
 from embedserve.engine.tokenizer import Tokenized, Tokens
 from embedserve.engine.types import (
@@ -75,6 +75,7 @@ class Engine:
         self.observer: EngineObserver | None = None
         self.vectors = VectorCache(settings.vector_cache_bytes)
         self._in_flight = InFlight()  # texts being computed now, shared between requests
+        self._streams = StreamDrain()
         self._identities = {
             m.id: model_identity(
                 m.id,
@@ -108,6 +109,11 @@ class Engine:
         """Starts every model's batching loop (call inside the running event loop)."""
         for model in self.registry:
             model.scheduler.start()
+
+    def end_streams(self, grace_s: float) -> None:
+        """Ends every open `embed_stream`, and any opened from now on, once it has answered the
+        requests it has read (within `grace_s`), with ShuttingDownError: the server is stopping."""
+        self._streams.begin(grace_s)
 
     async def close(self) -> None:
         """Stops the schedulers and worker threads."""
@@ -165,13 +171,14 @@ class Engine:
     ) -> AsyncIterator[tuple[K, EmbedResult | Exception]]:
         """Answers a stream of embedding requests, each as soon as it is done, with its key;
         a failed request yields its error and the stream goes on. At most `stream_window`
-        requests are read ahead of their answers, and a full queue delays admission."""
+        requests are read ahead of their answers, and a full queue delays admission. After
+        `end_streams` it ends with ShuttingDownError."""
 
         async def answer(request: tuple[K, EmbedParams]) -> EmbedResult:
             return await self.embed(request[1], call, wait=True)
 
         window, idle_s = self.settings.stream_window, self.settings.stream_idle_timeout
-        async for (key, _), outcome in windowed(requests, answer, window, idle_s):
+        async for (key, _), outcome in windowed(requests, answer, window, idle_s, self._streams):
             yield key, outcome
 
     async def sparse_embed(self, params: SparseParams, call: Call = NO_CALL) -> SparseResult:
