@@ -169,10 +169,21 @@ def write_config(
         metrics_endpoints=json.dumps(_endpoints(metrics)),
         admin_port=admin_port or _free_loopback_port(),
         max_requests=max_requests,
+        panic_percent=panic_percent(upstreams),
     )
     path = workdir / "envoy.yaml"
     path.write_text(config)
     return path
+
+
+def panic_percent(upstreams: Sequence[str]) -> int:
+    """Envoy's healthy_panic_threshold: below this share of healthy replicas it sends calls to
+    every replica, healthy or not. One server (one IP): Envoy's default, 50, so that a call goes
+    to it even before Envoy's next health check has seen it serve (a second after `make run`
+    logs that it serves, or after its restart), as there is nowhere else to send it. Several
+    replicas (or a name, which may stand for many): 0, so that calls go only where they can be
+    answered (envoy.yaml says why)."""
+    return 50 if len(upstreams) == 1 and _is_ip(_split(upstreams[0])[0]) else 0
 
 
 def upstream_list(upstream: str | Sequence[str]) -> list[str]:
