@@ -9,15 +9,21 @@ versions finds the exports there.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 from embedserve.backends.config import load_model_config
 from embedserve.backends.onnx import export_model
 from embedserve.engine.kinds import KINDS
 from embedserve.models import BUNDLED, resolve_model_path
+from embedserve.settings import Dtype
+
+# What an export can be made in: every DTYPES value but `auto`, which the server resolves at start.
+EXPORT_DTYPES = [d for d in get_args(Dtype) if d != "auto"]
 
 
 def export_bundled(cache_dir: Path, dtypes: Sequence[str]) -> list[Path]:
@@ -31,13 +37,21 @@ def export_bundled(cache_dir: Path, dtypes: Sequence[str]) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: CACHE_DIR, then the dtypes."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
-        print(__doc__, file=sys.stderr)
-        return 2
+    """The command line: CACHE_DIR, then the dtypes; usage errors exit 2."""
+    parser = argparse.ArgumentParser(
+        prog="python -m embedserve.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("cache_dir", metavar="CACHE_DIR", type=Path, help="the server's EMBEDSERVE_CACHE_DIR")
+    parser.add_argument(
+        "dtypes",
+        metavar="DTYPE",
+        nargs="*",
+        choices=EXPORT_DTYPES,
+        help=f"any of {', '.join(EXPORT_DTYPES)} (default fp32)",
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for file in export_bundled(Path(args[0]), args[1:] or ["fp32"]):
+    for file in export_bundled(args.cache_dir, args.dtypes or ["fp32"]):
         print(file)
     return 0
 

@@ -31,3 +31,14 @@ def test_the_export_command_writes_what_the_server_loads() -> None:
 def test_the_export_command_says_how_to_use_it() -> None:
     done = subprocess.run([sys.executable, "-m", "embedserve.export"], capture_output=True, text=True)
     assert done.returncode == 2 and "CACHE_DIR" in done.stderr
+
+
+def test_help_and_a_wrong_dtype_export_nothing(tmp_path: Path) -> None:
+    helped = subprocess.run([sys.executable, "-m", "embedserve.export", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "CACHE_DIR" in helped.stdout and "fp16" in helped.stdout
+    assert not Path("--help").exists()  # once taken for the cache folder and exported into
+    wrong = subprocess.run(
+        [sys.executable, "-m", "embedserve.export", str(tmp_path / "cache"), "fp64"], capture_output=True, text=True
+    )
+    assert wrong.returncode == 2 and "fp64" in wrong.stderr and "int8" in wrong.stderr
+    assert not (tmp_path / "cache").exists()
