@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any
 
 import yaml
 
@@ -35,20 +35,6 @@ ADMIN_PORT = 9901
 HEADER = "# Written by tools/render_k8s_envoy.py from envoy/envoy.yaml: do not edit, run it again.\n"
 
 
-class _Gateway(Protocol):
-    """What this script uses of envoy/gateway.py."""
-
-    def write_config(
-        self,
-        workdir: Path,
-        listen: str,
-        upstream: str,
-        max_message_bytes: int | None = ...,
-        metrics: str | None = ...,
-        admin_port: int | None = ...,
-    ) -> Path: ...
-
-
 def _load(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
@@ -67,7 +53,7 @@ def write(workdir: Path) -> Path:
     """Writes the config folder into `workdir`, its paths pointing there (as `envoy --mode
     validate` wants them); returns its envoy.yaml. The body limit is the server's default
     MAX_MESSAGE_BYTES, which the manifests leave as it is."""
-    gateway = cast(_Gateway, load_gateway())
+    gateway = load_gateway()
     grpc_upstream, metrics_upstream = upstreams()
     return gateway.write_config(
         workdir, LISTEN, grpc_upstream, Settings().max_message_bytes, metrics_upstream, admin_port=ADMIN_PORT
