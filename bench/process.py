@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 GATEWAY_PATH = Path(__file__).resolve().parent.parent / "envoy" / "gateway.py"
 # What the server logs once it listens, with the port it picked for --port 0.
@@ -137,11 +137,10 @@ class ServerProcess:
         # one corpus round after round, and would measure the cache, not the model, a second time
         # round (bench.cache measures the cache, with the flag).
         env = {**(os.environ if code is None else code.environ()), "METRICS_PORT": "0", "VECTOR_CACHE_BYTES": "0"}
-        self.proc = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True, env=env)
-        if cores is not None:
-            # On `cores` only: set while the interpreter starts, before any thread of its own (each
-            # inherits it) and before the server counts its cores for its default threads.
-            os.sched_setaffinity(self.proc.pid, cores)
+        if cores is None:
+            self.proc = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True, env=env)
+        else:  # as `make run REPLICAS=N` pins its replicas
+            self.proc = load_gateway().popen_on(cores, self.command, stderr=subprocess.PIPE, text=True, env=env)
         self.killed = False  # by kill(): its exit code is no failure
         self.lines: list[str] = []
         self._port: int | None = None
@@ -265,6 +264,8 @@ class GatewayModule(Protocol):
     ) -> Path: ...
 
     def core_shares(self, cores: Sequence[int], count: int) -> list[set[int]] | None: ...
+
+    def popen_on(self, cores: set[int] | None, command: Sequence[str], **popen: Any) -> subprocess.Popen[Any]: ...
 
     def start(self, config: Path, listen: str, log_level: str = ...) -> subprocess.Popen[str]: ...
 

@@ -69,7 +69,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from google.protobuf import descriptor_pb2
 
@@ -696,20 +696,25 @@ def core_shares(cores: Sequence[int], count: int) -> list[set[int]] | None:
     return shares
 
 
+def popen_on(cores: set[int] | None, command: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
+    """subprocess.Popen(command, **popen), on `cores` only (None: wherever this process may run),
+    from its first instruction: a child inherits the CPU affinity of the thread that starts it,
+    so this thread takes `cores` for the moment it takes (preexec_fn is unsafe beside other
+    threads), and its own threads count them for their defaults."""
+    if cores is None:
+        return subprocess.Popen(command, **popen)
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        return subprocess.Popen(command, **popen)
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
 def _server(name: str, server_args: Sequence[str], grace_s: float, cores: set[int] | None) -> Child:
     def launch() -> subprocess.Popen[bytes]:
         # Its own session: Ctrl-C reaches only the launcher, which stops the server first.
-        command = [sys.executable, "-m", "embedserve", *server_args]
-        if cores is None:
-            return subprocess.Popen(command, start_new_session=True)
-        # A child inherits the CPU affinity of the thread that starts it: this one's, for the
-        # moment it takes (preexec_fn is unsafe beside the launcher's other threads).
-        previous = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, cores)
-        try:
-            return subprocess.Popen(command, start_new_session=True)
-        finally:
-            os.sched_setaffinity(0, previous)
+        return popen_on(cores, [sys.executable, "-m", "embedserve", *server_args], start_new_session=True)
 
     if cores is not None:
         first, last = min(cores), max(cores)
