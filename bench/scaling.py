@@ -45,7 +45,7 @@ from embedserve_client import AsyncClient
 
 from bench.harness import FloatArray, bench_main, chunks, make_corpus, max_abs_diff, percentile, step
 from bench.inprocess import DEFAULT_DENSE_MODEL
-from bench.load import Connections, decode, embed_call, rpc_load
+from bench.load import Connections, Throughput, decode, embed_call, timed_load
 from bench.options import add_shared_args, bench_parser, check_positive
 from bench.process import Gateway, ServerProcess, load_gateway, process_cpu_s
 from embedserve.v1 import embedding_service_pb2 as pb
@@ -69,15 +69,6 @@ class Setup:
     @property
     def replicas(self) -> int:
         return len(self.servers)
-
-
-@dataclass
-class Round:
-    """One measurement of one setup."""
-
-    texts_per_s: float
-    p50_ms: float
-    p99_ms: float
 
 
 @dataclass
@@ -106,7 +97,7 @@ class ScalingBench:
 
     cores: int
     notes: dict[str, str] = field(default_factory=dict)
-    rounds: dict[str, list[Round]] = field(default_factory=dict)
+    rounds: dict[str, list[Throughput]] = field(default_factory=dict)
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     recovery: Recovery = field(default_factory=Recovery)
     exit_codes: dict[str, int] = field(default_factory=dict)
@@ -182,15 +173,14 @@ def start_setups(args: argparse.Namespace, stack: ExitStack, cores: list[int]) -
     return setups
 
 
-async def measure(setup: Setup, args: argparse.Namespace, corpus: list[str]) -> tuple[Round, FloatArray]:
-    """One pass of the corpus through the setup: `--clients` clients, `--request-size` texts a call."""
+async def measure(setup: Setup, args: argparse.Namespace, corpus: list[str]) -> tuple[Throughput, FloatArray]:
+    """One pass of the corpus through the setup: `--clients` clients, `--request-size` texts a
+    call (the server CPU it counts is the first server's only; the report shows none)."""
     requests = [pb.EmbedRequest(inputs=group) for group in chunks(corpus, args.request_size)]
     async with Connections(setup.address, args.clients) as connections:
         await connections.ready()
-        started = time.perf_counter()
-        answers, _, latencies = await rpc_load(connections.stubs, requests, embed_call, decode)
-        seconds = time.perf_counter() - started
-    measured = Round(len(corpus) / seconds, percentile(latencies, 50), percentile(latencies, 99))
+        pid = setup.servers[0].proc.pid
+        measured, answers = await timed_load(pid, connections.stubs, requests, len(corpus), embed_call, decode)
     return measured, np.concatenate(answers)
 
 
@@ -273,7 +263,7 @@ def run(args: argparse.Namespace) -> ScalingBench:
         for setup in setups:  # a first pass warms each server's threads and Envoy's connections
             step(f"warm-up: {setup.name}")
             asyncio.run(measure(setup, args, make_corpus(4 * args.request_size, args.seed - 1)))
-        reference: FloatArray | None = None
+        first: FloatArray | None = None  # round 1's vectors from `direct`, for the recovery
         for r in range(args.rounds):
             corpus = make_corpus(args.texts, args.seed + r)
             order = setups if r % 2 == 0 else list(reversed(setups))
@@ -283,15 +273,15 @@ def run(args: argparse.Namespace) -> ScalingBench:
                 measured, vectors[setup.name] = asyncio.run(measure(setup, args, corpus))
                 bench.rounds[setup.name].append(measured)
             reference = vectors["direct"]
+            first = reference if first is None else first
             for name, got in vectors.items():
                 bench.max_abs_diff[name] = max(bench.max_abs_diff.get(name, 0.0), max_abs_diff(got, reference))
         most = max(setups, key=lambda s: s.replicas)
         bench.recovery.replicas = most.replicas
-        corpus = make_corpus(args.texts, args.seed)
+        corpus = make_corpus(args.texts, args.seed)  # round 1's
         step(f"recovery: {most.name}, bulk_embed of {len(corpus)} texts, its replica killed a third of the way in")
-        direct = next(s for s in setups if s.name == "direct")
-        reference = asyncio.run(measure(direct, args, corpus))[1]
-        asyncio.run(bulk_recovery(most, corpus, reference, bench.recovery))
+        assert first is not None
+        asyncio.run(bulk_recovery(most, corpus, first, bench.recovery))
         if sum(s.proc.poll() is None for s in most.servers) >= 2:
             step(f"recovery: {most.name}, {args.clients} loops of one-text Embed, another replica killed")
             time.sleep(3.0)  # Envoy's health checks take the dead replica out first
@@ -309,8 +299,8 @@ def rows(bench: ScalingBench) -> Iterator[str]:
     one = bench.median("1 replica")
     for name, rounds in bench.rounds.items():
         per_s = bench.median(name)
-        p50 = statistics.median(r.p50_ms for r in rounds)
-        p99 = statistics.median(r.p99_ms for r in rounds)
+        p50 = statistics.median(r.request_ms_p50 for r in rounds)
+        p99 = statistics.median(r.request_ms_p99 for r in rounds)
         each = " / ".join(f"{r.texts_per_s:.1f}" for r in rounds)
         ratio = per_s / one
         yield f"| {name} | {bench.notes[name]} | {each} | **{per_s:.1f}** | {ratio:.2f}x | {p50:.0f} / {p99:.0f} |"
