@@ -6,7 +6,7 @@
 --  * Envoy's own replies (an unknown path, malformed JSON, a body over the limit): plain text.
 -- Native gRPC calls (a gRPC content type to a method path, /<package>.<Service>/<Method>) pass
 -- through untouched, and successful REST responses only lose the grpc-* headers that mean nothing
--- to an HTTP client. Every other request is REST, whatever its content type: one that claims to
+-- to an HTTP client and get the server's gRPC trailers (timing, idempotency) as headers. Every other request is REST, whatever its content type: one that claims to
 -- be gRPC anyway (gRPC-Web, for which there is no filter, or gRPC to a REST path) is answered
 -- 415 here, before the transcoder would pass it on as gRPC and return gRPC's reply; and one whose
 -- list of strings has a null or a list in it is answered 400 (reshaped_list), before the
@@ -352,6 +352,24 @@ function envoy_on_response(handle)
     local body = handle:body(true)
     message = body:getBytes(0, body:length()):gsub("%s+$", "")
   else
+    if grpc_status == 0 then
+      -- A transcoded answer: the server sends its headers (timing, idempotency) as gRPC
+      -- trailers, with the answer (server/embedserve/headers.py says why); an HTTP client gets
+      -- them as headers, which the transcoder has held until the trailers came. The body is
+      -- read first (it ends where the trailers come) so that the headers wait with it; waiting
+      -- for the trailers alone would pass the body, and with it the headers, on. Header objects
+      -- taken before that are no longer valid.
+      handle:body()
+      local trailers = handle:trailers()
+      if trailers ~= nil then
+        local headers = handle:headers()
+        for key, value in pairs(trailers) do
+          if key:sub(1, 5) ~= "grpc-" then
+            headers:replace(key, value)
+          end
+        end
+      end
+    end
     strip_grpc_headers(handle:headers())
     return
   end

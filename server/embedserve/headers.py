@@ -1,36 +1,25 @@
-"""The headers a unary answer carries (initial metadata; HTTP headers through Envoy), sent once.
+"""The headers a unary answer carries besides its message (TEI's timing headers, the idempotency
+markers): trailing metadata over gRPC, HTTP headers through Envoy's REST routes.
 
-gRPC sends a call's initial metadata once, before the answer. Its timing headers are known only
-when the handler is done, and an interceptor further out may have more to add once it sees the
-answer (the idempotency store's `idempotency-stored: false`), so whoever is outermost sends them
-all: an interceptor that will calls `collect()` before it runs the handler, and the handler's
-`add()` then puts its headers in that collection instead of sending them itself. The collection
-is a context variable of the call's task, which the awaited handler shares.
+They go in the trailing metadata because gRPC sends that in one batch with the message and its
+status. Initial metadata sent on its own (`send_initial_metadata`) leaves the server before the
+message, and Envoy passes headers on as soon as it has them: a replica that died in between left
+Envoy with a call it could no longer retry (it retries a call only until a response's headers
+come), and the caller got INTERNAL ("Stream removed") instead of the answer of another replica.
+Envoy's lua filter (envoy/openai_errors.lua) copies them into a REST answer's HTTP headers, which
+the transcoder holds until the trailers are in.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from typing import Any
 
 import grpc
 
 Header = tuple[str, str]
 
-_collected: ContextVar[list[Header] | None] = ContextVar("embedserve_response_headers", default=None)
 
-
-def collect() -> list[Header]:
-    """Starts collecting this call's headers for the caller to send; returns the collection."""
-    headers: list[Header] = []
-    _collected.set(headers)
-    return headers
-
-
-async def add(context: grpc.aio.ServicerContext[Any, Any], headers: list[Header]) -> None:
-    """Gives a unary answer's headers to the collection, or sends them when nobody collects."""
-    collection = _collected.get()
-    if collection is not None:
-        collection.extend(headers)
-    elif headers:
-        await context.send_initial_metadata(tuple(headers))
+def add(context: grpc.aio.ServicerContext[Any, Any], headers: list[Header]) -> None:
+    """Adds a unary answer's headers to its trailing metadata (after what is set there already)."""
+    if headers:
+        context.set_trailing_metadata((*(context.trailing_metadata() or ()), *headers))

@@ -7,8 +7,8 @@ metadata. The draft's value is a Structured Field string (`"8e03978e-..."`); a b
 as it is. Semantics, as the draft asks:
 
 * the first call with a key runs; a retry with the same key and the same request gets the stored
-  answer without running again, marked `idempotent-replayed: true` (initial metadata with a
-  response, trailing metadata with an error: both reach REST clients as a header);
+  answer without running again, marked `idempotent-replayed: true` in its trailing metadata
+  (a header for REST clients; see `headers`);
 * the same key with another request is FAILED_PRECONDITION, with trailing metadata
   `embedserve-http-status: 422` that Envoy's error filter turns into 422 Unprocessable Content;
 * a retry that arrives while the first call still runs is ABORTED (409 Conflict over REST);
@@ -298,7 +298,6 @@ class _Once:
         return await self._run(request, context)
 
     async def _run(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        pending = headers.collect()  # the handler's headers (timing), sent here with ours
         try:
             data = self._serialize(await self._behavior(request, context))
         except BaseException:  # an abort, a cancellation or a bug: store only what a retry gets again
@@ -311,9 +310,7 @@ class _Once:
                 self._store.release(self._scope)
             raise
         if not self._store.finish(self._scope, Outcome(data)):
-            pending.append((STORED_HEADER, "false"))
-        if pending:
-            await context.send_initial_metadata(tuple(pending))
+            headers.add(context, [(STORED_HEADER, "false")])
         return data
 
 
@@ -321,7 +318,7 @@ async def _replay(outcome: Outcome, context: grpc.aio.ServicerContext[Any, Any])
     """Answers as the first call was answered, marked as a replay."""
     marker = ((REPLAYED_HEADER, "true"),)
     if outcome.response is not None:
-        await context.send_initial_metadata(marker)
+        headers.add(context, list(marker))
         return outcome.response
     assert outcome.code is not None
     await context.abort(outcome.code, outcome.message, trailing_metadata=marker)

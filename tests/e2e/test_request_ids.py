@@ -64,6 +64,21 @@ def test_a_stream_echoes_its_request_id(server: RunningServer) -> None:
     assert trailer(call, "x-request-id") == "stream-7"
 
 
+def test_grpc_answers_carry_teis_timing_headers_in_the_trailers_and_nothing_ahead_of_the_answer(
+    server: RunningServer,
+) -> None:
+    """Initial metadata sent ahead of the answer would let Envoy pass headers on before the
+    answer exists, and it retries no call it has headers for (see embedserve.headers)."""
+    response, call = server.stub().Embed.with_call(pb.EmbedRequest(inputs=["timing in the trailers", "x"]))
+    trailers = dict(call.trailing_metadata())
+    for name in TIMING_HEADERS:
+        assert trailers[name].isdigit(), name
+    assert int(trailers["x-total-time"]) == round(response.timing.total_ms)
+    assert int(trailers["x-compute-tokens"]) == response.usage.total_tokens
+    assert trailers["x-cached-inputs"] == str(response.timing.cached_inputs)
+    assert not {key for key, _ in call.initial_metadata() or ()} & {*TIMING_HEADERS, "x-compute-tokens"}
+
+
 def test_rest_answers_carry_the_request_id_and_teis_timing_headers(http: httpx.Client) -> None:
     response = http.post("/v1/embeddings", json={"input": ["a", "b c"]}, headers={"x-request-id": "rest-1"})
     assert response.status_code == 200

@@ -119,7 +119,7 @@ def test_a_repeated_request_runs_no_forward_pass_and_says_so(
     assert vectors(second) == vectors(first) and second.usage == first.usage
     assert second.timing.cached_inputs == 5
     assert second.timing.queue_ms == second.timing.inference_ms == second.timing.tokenize_ms == 0
-    assert dict(call.initial_metadata())["x-cached-inputs"] == "5"
+    assert dict(call.trailing_metadata())["x-cached-inputs"] == "5"
     # A request with some new texts runs those alone.
     third = cached.stub().Embed(pb.EmbedRequest(inputs=[*request.inputs[:3], *texts("repeated, new", 2)]))
     assert counted.inputs == 7 and third.timing.cached_inputs == 3

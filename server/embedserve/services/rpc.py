@@ -126,8 +126,9 @@ def status(error: Exception, rpc: str, words: Words, request: str = "") -> tuple
 
 def unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Turns an error into its status code (`status`) and aborts the call with it, and with its
-    trailing metadata (an overload's retry-after); an answer gets TEI's timing headers. Either
-    way the request id is echoed in the trailing metadata, and a slow answer is logged."""
+    trailing metadata (an overload's retry-after); an answer gets TEI's timing headers, in its
+    trailing metadata too (see `headers`). Either way the request id is echoed in the trailing
+    metadata, and a slow answer is logged."""
 
     @functools.wraps(handler)
     async def wrapper(self: Servicer, request: Req, context: Context) -> Resp:
@@ -150,7 +151,7 @@ def unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
                     ", ".join(f"{name[2:]} {value}" for name, value in found) or "no timing",
                 )
             context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
-            await headers.add(context, found)
+            headers.add(context, found)
             return response
         await context.abort(code, message, trailing_metadata=trailers)
         raise AssertionError("unreachable: abort raises")
