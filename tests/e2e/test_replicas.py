@@ -96,6 +96,21 @@ class Replicas(Launcher):
         scrape = Scrape(self.base_url + "/metrics/envoy")
         return scrape.value("envoy_cluster_membership_healthy", envoy_cluster_name="embedserve")
 
+    def envoy_view(self) -> str:
+        """What Envoy's cluster of replicas has seen (its counters and gauges that are not 0),
+        for a failed assertion to show."""
+        scrape = Scrape(self.base_url + "/metrics/envoy")
+        found = [
+            f"{sample.name[len('envoy_cluster_') :]}={sample.value:g}"
+            for family in scrape.families.values()
+            for sample in family.samples
+            if sample.name.startswith("envoy_cluster_")
+            and sample.labels.get("envoy_cluster_name") == "embedserve"
+            and sample.value
+            and not sample.name.endswith(("_bucket", "_sum", "_count"))
+        ]
+        return "Envoy's cluster: " + ", ".join(sorted(found))
+
     def envoy_retries(self) -> float:
         """Calls Envoy has retried so far."""
         scrape = Scrape(self.base_url + "/metrics/envoy")
@@ -212,7 +227,11 @@ def test_a_draining_replica_gets_no_new_call_after_two_health_check_intervals(re
     for n in range(60):
         stub.Embed(pb.EmbedRequest(inputs=[TEXTS[n]]), timeout=30)
     counts = [replicas.scrape(i).value("embedserve_requests_total", rpc=EMBED) for i in range(REPLICAS)]
-    assert all(c > b for c, b in zip(counts, before, strict=True)), (before, counts)  # each gets calls
+    assert all(c > b for c, b in zip(counts, before, strict=True)), (
+        before,
+        counts,
+        replicas.envoy_view(),
+    )  # each gets calls
 
     # A stream open on it, to see how it ends.
     requests: queue.SimpleQueue[pb.EmbedStreamRequest | None] = queue.SimpleQueue()
