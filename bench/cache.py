@@ -101,8 +101,10 @@ def run(args: argparse.Namespace) -> CacheBench:
     bench = CacheBench()
     flags = server_flags(args, DEFAULT_DENSE_MODEL)
     with (
-        ServerProcess([*flags, "--vector-cache-bytes", str(args.cache_bytes)], args.startup_timeout) as on,
-        ServerProcess([*flags, "--vector-cache-bytes", "0"], args.startup_timeout) as off,
+        ServerProcess(
+            [*flags, "--vector-cache-bytes", str(args.cache_bytes)], args.startup_timeout, queue_limit=False
+        ) as on,
+        ServerProcess([*flags, "--vector-cache-bytes", "0"], args.startup_timeout, queue_limit=False) as off,
     ):
         servers = {"on": on, "off": off}
         for r in range(args.rounds):

@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> CeilingBench:
     with contextlib.ExitStack() as stack:
         baseline = stack.enter_context(Baseline(args.baseline))
         servers = {
-            NEW: stack.enter_context(ServerProcess(flags, args.startup_timeout)),
-            OLD: stack.enter_context(ServerProcess(flags, args.startup_timeout, baseline)),
+            NEW: stack.enter_context(ServerProcess(flags, args.startup_timeout, queue_limit=False)),
+            OLD: stack.enter_context(ServerProcess(flags, args.startup_timeout, baseline, queue_limit=False)),
         }
         step(f"servers: new on {servers[NEW].address}, old ({baseline.commit}) on {servers[OLD].address}")
         samples, profiles, diffs = asyncio.run(measure_servers(plan, servers, reference, args.profile_seconds))

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> EmbedBench:
     a_vectors, a1 = measure_dense(args.model, corpus, runner)
     step(f"(a1) {a1.texts_per_s(len(corpus)):.1f} texts/s; starting the server")
 
-    with ServerProcess(server_flags(args, args.model), args.startup_timeout) as server:
+    with ServerProcess(server_flags(args, args.model), args.startup_timeout, queue_limit=False) as server:
         step(f"server on {server.address} ({' '.join(server.command[1:])})")
         by_length = length_order(a1.lengths, 0) if args.presorted else None
         results = asyncio.run(measure_embed_server(args, server, corpus, by_length))

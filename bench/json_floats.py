@@ -274,7 +274,7 @@ async def measure(plan: Plan, targets: dict[str, Target]) -> tuple[list[Pass], C
 def start(stack: contextlib.ExitStack, code: str, commit: str, flags: Sequence[str], args: argparse.Namespace,
           baseline: Baseline | None) -> Target:  # fmt: skip
     """One code's server and, in front of it, Envoy; both stopped when `stack` closes."""
-    server = stack.enter_context(ServerProcess(flags, args.startup_timeout, baseline))
+    server = stack.enter_context(ServerProcess(flags, args.startup_timeout, baseline, queue_limit=False))
     envoy = stack.enter_context(Gateway(server.address))
     step(f"{code} ({commit}): server on {server.address}, Envoy on {envoy.address}")
     return Target(code, commit, server, envoy)

@@ -121,7 +121,11 @@ class Baseline:
 class ServerProcess:
     """`python -m embedserve --host 127.0.0.1 --port 0 FLAGS`, as users start it (the checkout's
     code, or a `Baseline` commit's); every line it logs (stderr) is kept in `lines`. As a context
-    manager it stops the server on exit and raises when the server did not exit 0."""
+    manager it stops the server on exit and raises when the server did not exit 0.
+
+    `queue_limit=False` turns the server's QUEUE_SECONDS limit off (a flag still wins), for the
+    benches that measure capacity: their closed-loop clients do not back off from the 429 that
+    a slow CPU's queue of their work gets. How overload is shed is bench.overload's to measure."""
 
     def __init__(
         self,
@@ -129,6 +133,7 @@ class ServerProcess:
         startup_timeout: float = 180.0,
         code: Baseline | None = None,
         cores: set[int] | None = None,
+        queue_limit: bool = True,
     ) -> None:
         self.command = [sys.executable, "-m", "embedserve", "--host", "127.0.0.1", "--port", "0", *flags]
         # A metrics port of its own (by environment: a Baseline's code may not know the flag), so
@@ -137,6 +142,8 @@ class ServerProcess:
         # one corpus round after round, and would measure the cache, not the model, a second time
         # round (bench.cache measures the cache, with the flag).
         env = {**(os.environ if code is None else code.environ()), "METRICS_PORT": "0", "VECTOR_CACHE_BYTES": "0"}
+        if not queue_limit:  # by environment too: a Baseline's code may not know the flag
+            env["QUEUE_SECONDS"] = "0"
         if cores is None:
             self.proc = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True, env=env)
         else:  # as `make run REPLICAS=N` pins its replicas

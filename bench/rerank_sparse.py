@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> RerankSparseBench:
 
     # Per-model settings are ';'-separated.
     models = f"{args.cross_encoder};{DEFAULT_SPARSE_MODEL}"
-    with ServerProcess(server_flags(args, models), args.startup_timeout) as server:
+    with ServerProcess(server_flags(args, models), args.startup_timeout, queue_limit=False) as server:
         step(f"server on {server.address} ({' '.join(server.command[1:])})")
         results = asyncio.run(measure_rerank_sparse_server(args, server, workload, str(args.cross_encoder)))
     step(

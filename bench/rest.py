@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> RestBench:
     step(f"(a1) in-process baseline on {len(corpus)} texts")
     expected, a1 = measure_dense(args.model, corpus, runner)
     with (
-        ServerProcess(server_flags(args, args.model), args.startup_timeout) as server,
+        ServerProcess(server_flags(args, args.model), args.startup_timeout, queue_limit=False) as server,
         Gateway(server.address) as envoy,
     ):
         step(f"server on {server.address}, Envoy on {envoy.address}")

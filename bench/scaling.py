@@ -139,12 +139,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def start_setups(args: argparse.Namespace, stack: ExitStack, cores: list[int]) -> list[Setup]:
     """Starts every setup's servers and Envoys; each is stopped when `stack` closes."""
     gateway = load_gateway()
-    # No QUEUE_SECONDS limit: the bench measures capacity, and its clients do not back off.
-    base = ["--cache-dir", str(args.cache_dir), "--model-names", DEFAULT_DENSE_MODEL, "--queue-seconds", "0"]
+    base = ["--cache-dir", str(args.cache_dir), "--model-names", DEFAULT_DENSE_MODEL]
     base += args.server_arg
 
     def server(flags: Sequence[str] = (), on: set[int] | None = None) -> ServerProcess:
-        return stack.enter_context(ServerProcess([*base, *flags], args.startup_timeout, cores=on))
+        return stack.enter_context(ServerProcess([*base, *flags], args.startup_timeout, cores=on, queue_limit=False))
 
     def behind_envoy(name: str, servers: list[ServerProcess], note: str) -> Setup:
         envoy = stack.enter_context(Gateway([s.address for s in servers]))

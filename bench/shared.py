@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from collections.abc import Sequence
 
@@ -80,10 +79,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> SharedBench:
     """--rounds rounds against this checkout's server and the baseline's, alternating which goes first."""
-    # Admitted work only, as issue 9 measured it: 8 closed-loop clients of 32 texts hold about the
-    # 2 s of work that admission by cost queues, so some of their requests were refused. How
-    # overload is shed is bench.overload's to measure. By environment: older servers ignore it.
-    os.environ["QUEUE_SECONDS"] = "0"
     corpus = make_corpus(args.texts, args.seed)
     requests = [pb.EmbedRequest(inputs=texts) for texts in chunks(corpus, args.request_size)]
     plan = Plan(requests, args.clients, args.stream_in_flight, args.rate, args.idle_seconds, args.max_seconds)

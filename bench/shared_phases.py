@@ -439,10 +439,12 @@ def measure_round(
     flags: Sequence[str], startup_timeout: float, code: Baseline | None, plan: Plan, reference: Reference
 ) -> Round:
     """One round against one code: a server for (q), (u), (s); one with TENANT_KEYS for (t)."""
-    with ServerProcess(flags, startup_timeout, code) as server:
+    with ServerProcess(flags, startup_timeout, code, queue_limit=False) as server:
         step(f"server on {server.address} ({' '.join(server.command[1:])})")
         idle, unary, stream = asyncio.run(measure_traffic(server, plan, reference))
-    with ServerProcess([*flags, "--api-keys", ";".join(TENANT_KEYS)], startup_timeout, code) as server:
+    with ServerProcess(
+        [*flags, "--api-keys", ";".join(TENANT_KEYS)], startup_timeout, code, queue_limit=False
+    ) as server:
         tenants = asyncio.run(measure_tenants(server, plan, reference))
     measured = Round(idle, unary, stream, tenants)
     step(
