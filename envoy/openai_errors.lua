@@ -6,14 +6,15 @@
 --  * Envoy's own replies (an unknown path, malformed JSON, a body over the limit): plain text.
 -- Native gRPC calls (a gRPC content type to a method path, /<package>.<Service>/<Method>) pass
 -- through untouched, and successful REST responses only lose the grpc-* headers that mean nothing
--- to an HTTP client and get the server's gRPC trailers (timing, idempotency) as headers. Every other request is REST, whatever its content type: one that claims to
--- be gRPC anyway (gRPC-Web, for which there is no filter, or gRPC to a REST path) is answered
--- 415 here, before the transcoder would pass it on as gRPC and return gRPC's reply; and one whose
--- list of strings has a null or a list in it is answered 400 (reshaped_list), before the
--- transcoder would drop or flatten it. Bodies are valid UTF-8 JSON even when Envoy's message
--- quotes request bytes that are not UTF-8. An overload's `retry-after` trailer (a header of the
--- server's trailers-only reply) is left on the 429, where HTTP clients (the OpenAI SDK among
--- them) read it as Retry-After.
+-- to an HTTP client and get the server's gRPC trailers (timing, idempotency) as headers. Every
+-- other request is REST, whatever its content type: one that claims to be gRPC anyway (gRPC-Web,
+-- for which there is no filter, or gRPC to a REST path) is answered 415 here, before the
+-- transcoder would pass it on as gRPC and return gRPC's reply; and one whose list of strings has
+-- a null or a list in it is answered 400 (reshaped_list), before the transcoder would drop or
+-- flatten it. Bodies are valid UTF-8 JSON even when Envoy's message quotes request bytes that
+-- are not UTF-8. An overload's `retry-after` trailer (a header of the server's trailers-only
+-- reply) is left on the 429, where HTTP clients (the OpenAI SDK among them) read it as
+-- Retry-After.
 
 local GRPC_STATUS = {
   [1] = {"cancelled", "invalid_request_error"},
