@@ -227,11 +227,8 @@ def test_a_draining_replica_gets_no_new_call_after_two_health_check_intervals(re
     for n in range(60):
         stub.Embed(pb.EmbedRequest(inputs=[TEXTS[n]]), timeout=30)
     counts = [replicas.scrape(i).value("embedserve_requests_total", rpc=EMBED) for i in range(REPLICAS)]
-    assert all(c > b for c, b in zip(counts, before, strict=True)), (
-        before,
-        counts,
-        replicas.envoy_view(),
-    )  # each gets calls
+    each_got_calls = all(c > b for c, b in zip(counts, before, strict=True))
+    assert each_got_calls, (before, counts, replicas.envoy_view())
 
     # A stream open on it, to see how it ends.
     requests: queue.SimpleQueue[pb.EmbedStreamRequest | None] = queue.SimpleQueue()
