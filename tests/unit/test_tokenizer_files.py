@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from embedserve.engine.tokenizer import TextTokenizer, load_fast_tokenizer
+from embedserve.backends.config import load_fast_tokenizer
+from embedserve.engine.tokenizer import TextTokenizer
 from embedserve.models import resolve_model_path
 from embedserve.settings import DEFAULT_DENSE_MODEL, DEFAULT_SPARSE_MODEL
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding
 
 from embedserve.backends.base import IntArray
+from embedserve.backends.config import load_fast_tokenizer
 from embedserve.errors import InvalidInputError
 
 
@@ -42,38 +42,6 @@ class Tokenized:
     def tokens(self) -> int:
         """Tokens over all inputs, special tokens included."""
         return sum(self.lengths)
-
-
-def load_fast_tokenizer(path: Path) -> tuple[Tokenizer, int]:
-    """The model's fast tokenizer and its padding id. From its tokenizer.json with the `tokenizers`
-    library alone when it has one: importing transformers for it (which imports torch) held
-    ~370 MB of the server's memory for nothing. Else transformers converts the model's slow
-    tokenizer files."""
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        from transformers import AutoTokenizer
-
-        hf = AutoTokenizer.from_pretrained(str(path), use_fast=True)  # type: ignore[no-untyped-call]
-        return hf.backend_tokenizer, int(hf.pad_token_id or 0)
-    tokenizer = Tokenizer.from_file(str(file))
-    pad = _special_token(path, "pad_token")
-    pad_id = tokenizer.token_to_id(pad) if pad else None
-    return tokenizer, int(pad_id or 0)
-
-
-def _special_token(path: Path, name: str) -> str | None:
-    """A special token (`pad_token`, ...) as tokenizer_config.json or special_tokens_map.json
-    names it: text, or {"content": text}."""
-    for file in ("tokenizer_config.json", "special_tokens_map.json"):
-        try:
-            value = json.loads((path / file).read_text()).get(name)
-        except (OSError, ValueError):
-            continue
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str) and value:
-            return value
-    return None
 
 
 # Characters a text keeps per token of the model's max before it is tokenized: no tokenizer of ours
