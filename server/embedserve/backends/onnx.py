@@ -19,16 +19,21 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from embedserve.backends import splade
 from embedserve.backends.base import Backend, BackendInfo, FloatArray, GraphSpec, IntArray
-from embedserve.backends.config import ModelConfig
+from embedserve.backends.config import ModelConfig, load_fast_tokenizer
+from embedserve.backends.quantize import (
+    calibration_feeds,
+    cpu_has_vnni,
+    int8_recipe,
+    quantize_dynamic_int8,
+    quantize_per_token,
+)
 from embedserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".pt")
 # Disabling the arena held 967 MB after (glibc kept it). Batches of short texts (32 x 64 tokens
 # and under), the bulk of embedding traffic, keep their arena and pay nothing.
 SHRINK_AFTER_TOKENS = 4096
-_EXPORT_FORMAT = 4  # bump when the way we export or post-process changes
+# bump when the way we export or post-process changes (5: int8 became the per-token recipe, the
+# old one int8-fast)
+_EXPORT_FORMAT = 5
 
 
 def cuda_device_count() -> int:
@@ -71,7 +78,8 @@ def resolve_dtype(requested: str, on_cuda: bool) -> str:
         return "fp16" if on_cuda else "fp32"
     if requested == "fp16" and not on_cuda:
         raise ConfigError(
-            "dtype fp16 needs the CUDA execution provider (onnxruntime-gpu and a GPU); use fp32 or int8 on CPU"
+            "dtype fp16 needs the CUDA execution provider (onnxruntime-gpu and a GPU); "
+            "use fp32, int8 or int8-fast on CPU"
         )
     return requested
 
@@ -91,6 +99,9 @@ def export_key(config: ModelConfig, graph: GraphSpec, dtype: str) -> str:
     settings = {
         "task": graph.onnx_task,
         "dtype": dtype,
+        # int8's recipe depends on the CPU (quantize.int8_recipe): an export made on a CPU with
+        # VNNI is not served on one without, nor the other way.
+        "int8": int8_recipe(cpu_has_vnni())[0] if dtype == "int8" else None,
         "format": _EXPORT_FORMAT,
         "onnxruntime": version("onnxruntime") if _has_dist("onnxruntime") else version("onnxruntime-gpu"),
     }
@@ -164,7 +175,13 @@ def export_model(config: ModelConfig, graph: GraphSpec, dtype: str, cache_dir: P
             if graph.splade:  # the head stays float32 whatever the encoder's dtype
                 _split_splade(exported, final.parent / splade.HEAD_FILE)
             if dtype == "int8":
-                quantize_int8(exported, final)
+                vnni = cpu_has_vnni()
+                name, recipe = int8_recipe(vnni)
+                log.info("int8 for a CPU %s VNNI: %s", "with" if vnni else "without", name)
+                tokenizer, _ = load_fast_tokenizer(config.path)
+                quantize_per_token(exported, final, calibration_feeds(tokenizer, config.max_input_tokens), recipe)
+            elif dtype == "int8-fast":
+                quantize_dynamic_int8(exported, final)
             elif dtype == "fp16":
                 import onnx
                 from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -184,24 +201,6 @@ def export_model(config: ModelConfig, graph: GraphSpec, dtype: str, cache_dir: P
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return model_file
-
-
-def quantize_int8(source: Path, target: Path, nodes_to_exclude: Sequence[str] = (), **options: Any) -> None:
-    """DTYPES=int8: dynamic quantization, per-channel int8 weights on MatMuls only (cosine >=
-    0.989 to fp32 on MiniLM; the per-tensor default, embeddings included, gave 0.74 on long
-    inputs). `nodes_to_exclude` and `options` (quantize_dynamic's) are for bench.int8, which
-    measures this recipe and variants of it."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(source),
-        str(target),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul"],
-        nodes_to_exclude=list(nodes_to_exclude) or None,
-        **options,
-    )
 
 
 def _split_splade(model_file: Path, head_file: Path) -> None:

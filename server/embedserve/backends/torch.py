@@ -26,8 +26,8 @@ class TorchBackend(Backend):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
             dtype = "fp16" if device == "cuda" else "fp32"
-        if dtype == "int8":
-            raise ConfigError("dtype int8 is an ONNX Runtime (CPU) option; use BACKEND=onnx or DTYPES=fp32")
+        if dtype.startswith("int8"):
+            raise ConfigError(f"dtype {dtype} is an ONNX Runtime (CPU) option; use BACKEND=onnx or DTYPES=fp32")
         if dtype == "fp16" and device == "cpu":
             raise ConfigError("dtype fp16 needs a CUDA device for the torch backend; use fp32 on CPU")
         if device == "cpu":
