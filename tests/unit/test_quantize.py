@@ -103,3 +103,28 @@ def test_the_int8_export_key_names_the_recipe_the_cpu_picks(monkeypatch: pytest.
         keys[vnni] = [onnx_backend.export_key(config, DENSE.graph, d) for d in ("int8", "fp32", "int8-fast")]
     assert keys[True][0] != keys[False][0]
     assert keys[True][1:] == keys[False][1:]
+
+
+def test_a_product_read_by_more_than_its_bias_add_is_still_made(tmp_path: Path) -> None:
+    """The bias Add folds into the int8 graph only where it is the product's one consumer."""
+    rng = np.random.default_rng(3)
+    w, b = rng.normal(size=(K, N)).astype(np.float32), rng.normal(size=N).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["xw"], name="/dense/MatMul"),
+            helper.make_node("Add", ["xw", "b"], ["y"]),
+            helper.make_node("Relu", ["xw"], ["z"]),
+        ],
+        "two_consumers",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["n", N]) for o in ("y", "z")],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    source, target = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(source))
+    quantize_per_token(source, target, [], PerToken(outliers=0))
+    x = rng.normal(size=(6, K)).astype(np.float32)
+    want = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for expected, actual in zip(want, got, strict=True):
+        assert np.abs(actual - expected).max() < 0.05 * np.abs(expected).max()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,9 @@ VALUE_PROJECTIONS = r"/(value|v_lin|v_proj|v)/MatMul$"
 # costs ~7% of the speed, outlier channels cost ~30%).
 WITH_VNNI = PerToken(outliers=0, exclude=VALUE_PROJECTIONS)
 # Without VNNI (AVX2: vpmaddubsw sums pairs of u8 x s8 products in int16, which saturates with
-# 8-bit weights) the value projections' recipe loses too much (min cosine ~0.98), 2 outlier
-# channels per input in fp32 do not.
+# 8-bit weights) per-token int8 lost more (tok-sym's min cosine 0.977 on AVX2, 0.986 with VNNI;
+# the value-projection recipe was not measured there); 2 outlier channels per input in fp32 kept
+# 0.994 on AVX2.
 WITHOUT_VNNI = PerToken(outliers=2)
 
 
@@ -131,12 +133,13 @@ def channel_peaks(
 
 
 def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, IntArray]], how: PerToken) -> None:
-    """DTYPES=int8 (`how` from int8_recipe). Per MatMul input x, as [rows, K]: the row scale max|x| / 127 over the
-    non-outlier channels (ReduceMax, ReduceMin), one per-axis QuantizeLinear to U8 around 128 (the
-    outlier channels saturate there; their weight rows are 0); per MatMul, ONNX Runtime's
-    MatMulIntegerToFloat (the U8S8 GEMM, column scales applied in its output stage), a Mul by the
-    row scale, and the outlier channels' thin fp32 Gemm carrying the MatMul's bias (the bias Add
-    after the MatMul goes). `feeds` calibrate which channels are outliers."""
+    """DTYPES=int8, with `how` from int8_recipe. Per MatMul input x, as [rows, K]: the row scale
+    max|x| / 127 over the non-outlier channels (ReduceMax, ReduceMin), one per-axis QuantizeLinear
+    to U8 around 128 (outlier channels saturate there; their weight rows are 0). Per MatMul: ONNX
+    Runtime's MatMulIntegerToFloat (the U8S8 GEMM, column scales applied in its output stage), a
+    Mul by the row scale, then the MatMul's bias, carried by the outlier channels' thin fp32 Gemm
+    where there are outliers, else one Add (the bias Add after the MatMul goes). `feeds` calibrate
+    which channels are outliers (unused without outliers)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -148,11 +151,13 @@ def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, Int
         if not (how.exclude and re.search(how.exclude, node.name)):
             groups.setdefault(node.input[0], []).append(node.name)
     quantized = {name for names in groups.values() for name in names}
-    biases: dict[str, tuple[onnx.NodeProto, str]] = {}  # MatMul output -> (its bias Add, the bias)
+    # MatMul output -> (its bias Add, the bias), where that Add is the output's one consumer.
+    consumers = Counter(name for node in graph.node for name in node.input)
+    biases: dict[str, tuple[onnx.NodeProto, str]] = {}
     for node in graph.node:
         if node.op_type == "Add":
             for i, j in ((0, 1), (1, 0)):
-                if node.input[i] in weights and len(weights[node.input[i]].dims) == 1:
+                if node.input[i] in weights and len(weights[node.input[i]].dims) == 1 and consumers[node.input[j]] == 1:
                     biases[node.input[j]] = (node, node.input[i])
     peaks = channel_peaks(source, list(groups), feeds) if how.outliers else {}
     constants: dict[str, np.ndarray[Any, Any]] = {
