@@ -37,10 +37,14 @@ from embedserve.backends.quantize import (
     CALIBRATION_FILE,
     WITH_VNNI,
     WITHOUT_VNNI,
+    bias_adds,
     calibration_feeds,
     channel_peaks,
+    per_column,
     quantize_dynamic_int8,
     quantize_per_token,
+    save_rewrite,
+    split_outliers,
 )
 from embedserve.backends.quantize import PerToken as Fused
 from embedserve.engine.kinds import DENSE
@@ -355,32 +359,20 @@ def per_token(source: Path, target: Path, how: PerToken, tokenizer: TextTokenize
             continue
         x, w_name = node.input
         w = numpy_helper.to_array(weights[w_name]).astype(np.float32)
-        kept = np.argsort(peaks[x])[::-1][: how.outliers] if how.outliers else np.zeros(0, np.int64)
+        kept = np.argsort(peaks[x])[::-1][: how.outliers].astype(np.int64) if how.outliers else np.zeros(0, np.int64)
         if x not in prefixes:
             q = prefixes[x] = f"/per_token_{len(prefixes)}"
             if how.outliers:
-                mask = np.ones(w.shape[0], np.float32)
-                mask[kept] = 0
-                graph.initializer.extend(
-                    [
-                        numpy_helper.from_array(mask, f"{q}/mask"),
-                        numpy_helper.from_array(kept.astype(np.int64), f"{q}/kept"),
-                    ]
-                )
-                nodes += [
-                    helper.make_node("Mul", [x, f"{q}/mask"], [f"{q}/rest"]),
-                    helper.make_node("Gather", [x, f"{q}/kept"], [f"{q}/outliers"], axis=-1),
-                ]
+                tensors, split = split_outliers(x, q, kept, w.shape[0], axis=-1)
+                graph.initializer.extend(tensors)
+                nodes += split
             nodes.extend(quantize(f"{q}/rest" if how.outliers else x, q))
         q = prefixes[x]
         p = node.name.removesuffix("/MatMul") + "/per_token"
-        w_rest = w.copy()
-        w_rest[kept] = 0
-        w_scale = np.maximum(np.abs(w_rest).max(axis=0), 1e-12) / how.weight_max
-        w_q = np.clip(np.round(w_rest / w_scale), -how.weight_max, how.weight_max)
-        stored = (w_q + 128).astype(np.uint8) if how.unsigned_weights else w_q.astype(np.int8)
+        stored, w_scale = per_column(w, kept, how.weight_max, how.unsigned_weights)
+        w_q = stored.astype(np.float32) - 128 if how.unsigned_weights else stored.astype(np.float32)
         graph.initializer.extend(
-            [numpy_helper.from_array(stored, f"{p}/w"), numpy_helper.from_array(w_scale.astype(np.float32), f"{p}/ws")]
+            [numpy_helper.from_array(stored, f"{p}/w"), numpy_helper.from_array(w_scale, f"{p}/ws")]
         )
         inputs = [f"{q}/q", f"{p}/w", "" if how.asymmetric else "pt_zp"]
         if how.unsigned_weights:
@@ -408,14 +400,7 @@ def per_token(source: Path, target: Path, how: PerToken, tokenizer: TextTokenize
                 helper.make_node("MatMul", [f"{q}/outliers", f"{p}/w_outliers"], [f"{p}/fp32_out"]),
                 helper.make_node("Add", [out, f"{p}/fp32_out"], [node.output[0]]),
             ]
-    used = {i for n in nodes for i in n.input}
-    initializers = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(target))
+    save_rewrite(model, nodes, target)
 
 
 def dynamic_outliers(source: Path, target: Path, how: PerToken, tokenizer: TextTokenizer) -> None:
@@ -435,12 +420,7 @@ def dynamic_outliers(source: Path, target: Path, how: PerToken, tokenizer: TextT
         if node.op_type == "MatMul" and node.input[1] in weights:
             groups.setdefault(node.input[0], []).append(node.name)
     quantized = {name for names in groups.values() for name in names}
-    biases: dict[str, tuple[onnx.NodeProto, str]] = {}
-    for node in graph.node:
-        if node.op_type == "Add":
-            for i, j in ((0, 1), (1, 0)):
-                if node.input[i] in weights and len(weights[node.input[i]].dims) == 1:
-                    biases[node.input[j]] = (node, node.input[i])
+    biases = bias_adds(graph)
     peaks = channel_peaks(source, list(groups), calibration())
     nodes: list[onnx.NodeProto] = []
     prefixes: dict[str, tuple[str, str, np.ndarray[Any, Any]]] = {}
@@ -456,30 +436,18 @@ def dynamic_outliers(source: Path, target: Path, how: PerToken, tokenizer: TextT
         k_dim = w.shape[0]
         if x not in prefixes:
             q = f"/dyn_outliers_{len(prefixes)}"
-            kept = np.argsort(peaks[x])[::-1][: how.outliers]
-            mask = np.ones(k_dim, np.float32)
-            mask[kept] = 0
-            graph.initializer.extend(
-                [
-                    numpy_helper.from_array(mask, f"{q}/mask"),
-                    numpy_helper.from_array(kept.astype(np.int64), f"{q}/kept"),
-                ]
-            )
-            nodes += [
-                helper.make_node("Mul", [x, f"{q}/mask"], [f"{q}/rest"]),
-                helper.make_node("Gather", [x, f"{q}/kept"], [f"{q}/outliers"], axis=2),
-            ]
+            kept = np.argsort(peaks[x])[::-1][: how.outliers].astype(np.int64)
+            tensors, split = split_outliers(x, q, kept, k_dim, axis=2)
+            graph.initializer.extend(tensors)
+            nodes += split
             prefixes[x] = (f"{q}/rest", f"{q}/outliers", kept)
         rest, outliers, kept = prefixes[x]
         p = node.name.removesuffix("/MatMul") + "/dyn_outliers"
-        w_rest = w.copy()
-        w_rest[kept] = 0
-        w_scale = np.maximum(np.abs(w_rest).max(axis=0), 1e-12) / 127
-        w_q = np.clip(np.round(w_rest / w_scale), -127, 127).astype(np.int8)
+        w_q, w_scale = per_column(w, kept)
         graph.initializer.extend(
             [
                 numpy_helper.from_array(w_q, f"{p}/w"),
-                numpy_helper.from_array(w_scale.astype(np.float32), f"{p}/ws"),
+                numpy_helper.from_array(w_scale, f"{p}/ws"),
                 numpy_helper.from_array(w[kept], f"{p}/w_outliers"),
             ]
         )
@@ -495,16 +463,7 @@ def dynamic_outliers(source: Path, target: Path, how: PerToken, tokenizer: TextT
             helper.make_node("MatMul", [outliers, f"{p}/w_outliers"], [f"{p}/extra"]),
             helper.make_node("Add", [f"{p}/y", f"{p}/extra"], [result]),
         ]
-    used = {i for n in nodes for i in n.input}
-    initializers = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.checker.check_model(model)
-    onnx.save(model, str(target))
+    save_rewrite(model, nodes, target)
 
 
 def dynamic_outliers_build(tokenizer: TextTokenizer, outliers: int) -> Build:

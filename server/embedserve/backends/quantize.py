@@ -132,6 +132,69 @@ def channel_peaks(
     return peaks
 
 
+def bias_adds(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, str]]:
+    """MatMul output -> (its bias Add, the bias initializer), where that Add is the output's one
+    consumer (so a rewrite may fold the Add into what makes the product)."""
+    weights = {i.name: i for i in graph.initializer}
+    consumers = Counter(name for node in graph.node for name in node.input)
+    biases: dict[str, tuple[onnx.NodeProto, str]] = {}
+    for node in graph.node:
+        if node.op_type == "Add":
+            for i, j in ((0, 1), (1, 0)):
+                if node.input[i] in weights and len(weights[node.input[i]].dims) == 1 and consumers[node.input[j]] == 1:
+                    biases[node.input[j]] = (node, node.input[i])
+    return biases
+
+
+def split_outliers(
+    x: str, prefix: str, kept: IntArray, k_dim: int, axis: int
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """Initializers and nodes making {prefix}/rest (x with the `kept` channels zeroed) and
+    {prefix}/outliers (those channels alone, gathered on `axis`)."""
+    from onnx import helper, numpy_helper
+
+    mask = np.ones(k_dim, np.float32)
+    mask[kept] = 0
+    tensors = [numpy_helper.from_array(mask, f"{prefix}/mask"), numpy_helper.from_array(kept, f"{prefix}/kept")]
+    nodes = [
+        helper.make_node("Mul", [x, f"{prefix}/mask"], [f"{prefix}/rest"]),
+        helper.make_node("Gather", [x, f"{prefix}/kept"], [f"{prefix}/outliers"], axis=axis),
+    ]
+    return tensors, nodes
+
+
+def per_column(
+    w: FloatArray, kept: IntArray, weight_max: int = 127, unsigned: bool = False
+) -> tuple[np.ndarray[Any, Any], FloatArray]:
+    """W with its `kept` rows zeroed, quantized symmetrically per output column to +-weight_max:
+    the values (int8, or uint8 around 128 if `unsigned`) and the column scales."""
+    rest = w.copy()
+    rest[kept] = 0
+    scale = (np.maximum(np.abs(rest).max(axis=0), 1e-12) / weight_max).astype(np.float32)
+    values = np.clip(np.round(rest / scale), -weight_max, weight_max)
+    return ((values + 128).astype(np.uint8) if unsigned else values.astype(np.int8)), scale
+
+
+def save_rewrite(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], target: Path) -> None:
+    """Gives the graph `nodes`, drops the initializers none of them reads, imports the
+    com.microsoft domain where a node needs it, checks the model and saves it."""
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    used = {i for n in nodes for i in n.input}
+    initializers = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    needs_microsoft = any(n.domain == "com.microsoft" for n in nodes)
+    if needs_microsoft and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+
+
 def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, IntArray]], how: PerToken) -> None:
     """DTYPES=int8, with `how` from int8_recipe. Per MatMul input x, as [rows, K]: the row scale
     max|x| / 127 over the non-outlier channels (ReduceMax, ReduceMin), one per-axis QuantizeLinear
@@ -151,14 +214,7 @@ def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, Int
         if not (how.exclude and re.search(how.exclude, node.name)):
             groups.setdefault(node.input[0], []).append(node.name)
     quantized = {name for names in groups.values() for name in names}
-    # MatMul output -> (its bias Add, the bias), where that Add is the output's one consumer.
-    consumers = Counter(name for node in graph.node for name in node.input)
-    biases: dict[str, tuple[onnx.NodeProto, str]] = {}
-    for node in graph.node:
-        if node.op_type == "Add":
-            for i, j in ((0, 1), (1, 0)):
-                if node.input[i] in weights and len(weights[node.input[i]].dims) == 1 and consumers[node.input[j]] == 1:
-                    biases[node.input[j]] = (node, node.input[i])
+    biases = bias_adds(graph)
     peaks = channel_peaks(source, list(groups), feeds) if how.outliers else {}
     constants: dict[str, np.ndarray[Any, Any]] = {
         "int8/last": np.array([-1], np.int64),
@@ -191,7 +247,7 @@ def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, Int
         with_outliers = how.outliers and (
             not how.outlier_pattern or any(re.search(how.outlier_pattern, n) for n in groups[x])
         )
-        kept = np.argsort(peaks[x])[::-1][: how.outliers] if with_outliers else np.zeros(0, np.int64)
+        kept = np.argsort(peaks[x])[::-1][: how.outliers].astype(np.int64) if with_outliers else np.zeros(0, np.int64)
         if x not in prefixes:
             q = prefixes[x] = f"/int8_{len(prefixes)}"
             graph.initializer.append(numpy_helper.from_array(np.array([-1, k_dim], np.int64), f"{q}/shape2d"))
@@ -203,18 +259,9 @@ def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, Int
             ]
             ranged = f"{q}/x2"
             if len(kept):
-                mask = np.ones(k_dim, np.float32)
-                mask[kept] = 0
-                graph.initializer.extend(
-                    [
-                        numpy_helper.from_array(mask, f"{q}/mask"),
-                        numpy_helper.from_array(kept.astype(np.int64), f"{q}/kept"),
-                    ]
-                )
-                nodes += [
-                    helper.make_node("Mul", [f"{q}/x2", f"{q}/mask"], [f"{q}/rest"]),
-                    helper.make_node("Gather", [f"{q}/x2", f"{q}/kept"], [f"{q}/outliers"], axis=1),
-                ]
+                tensors, split = split_outliers(f"{q}/x2", q, kept, k_dim, axis=1)
+                graph.initializer.extend(tensors)
+                nodes += split
                 ranged = f"{q}/rest"
             nodes += [
                 reduce("ReduceMax", ranged, f"{q}/max"),
@@ -235,15 +282,11 @@ def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, Int
             ]
         q = prefixes[x]
         p = node.name.removesuffix("/MatMul") + "/int8"
-        w_rest = w.copy()
-        w_rest[kept] = 0
-        w_scale = np.maximum(np.abs(w_rest).max(axis=0), 1e-12) / how.weight_max
-        w_q = np.clip(np.round(w_rest / w_scale), -how.weight_max, how.weight_max)
-        stored = (w_q + 128).astype(np.uint8) if how.unsigned_weights else w_q.astype(np.int8)
+        stored, w_scale = per_column(w, kept, how.weight_max, how.unsigned_weights)
         graph.initializer.extend(
             [
                 numpy_helper.from_array(stored, f"{p}/w"),
-                numpy_helper.from_array(w_scale.astype(np.float32), f"{p}/ws"),
+                numpy_helper.from_array(w_scale, f"{p}/ws"),
                 numpy_helper.from_array(np.array([n_dim], np.int64), f"{p}/n"),
             ]
         )
@@ -275,16 +318,7 @@ def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, Int
             helper.make_node("Reshape", [flat, f"{p}/shape"], [result]),
         ]
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
-    used = {i for n in nodes for i in n.input}
-    initializers = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.checker.check_model(model)
-    onnx.save(model, str(target))
+    save_rewrite(model, nodes, target)
 
 
 def quantize_dynamic_int8(source: Path, target: Path, nodes_to_exclude: Sequence[str] = (), **options: Any) -> None:
