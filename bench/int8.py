@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import onnxruntime as ort
@@ -618,16 +618,41 @@ class Texts:
         encoded = sorted(self.tokenizer.encode(list(texts)).encoded, key=len)
         return [self.tokenizer.collate(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]
 
-    def vectors(self, session: ort.InferenceSession, batches: Sequence[Batch]) -> FloatArray:
-        """The normalized pooled vectors of every row, batch after batch."""
-        rows = []
+    def vectors(self, session: Session, batches: Sequence[Batch]) -> FloatArray:
+        """The normalized pooled vectors of every row, batch after batch (an output of 2 axes is
+        pooled already: sentence-transformers')."""
+        rows: list[FloatArray] = []
         for ids, mask, types in batches:
-            hidden = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
-            rows.extend(DENSE.outputs(np.asarray(hidden, dtype=np.float32), mask, self.config))
+            out = np.asarray(session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0])
+            rows.extend(out if out.ndim == 2 else DENSE.outputs(out.astype(np.float32), mask, self.config))
         return normalize(np.stack(rows))
 
 
-def run_batches(session: ort.InferenceSession, batches: Sequence[Batch]) -> float:
+class SentenceTransformersSession:
+    """sentence-transformers' own forward pass (the model's modules: transformer, pooling,
+    normalize, in torch) on the bench's batches, run as a session is: the reference issue 12 gives
+    speeds and cosines against. Its tokenization (~1% of the time) is the bench's."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(threads)  # as each ONNX Runtime session
+        self._torch = torch
+        self._model = SentenceTransformer(str(path), device="cpu").eval()
+
+    def run(self, _outputs: None, feeds: dict[str, IntArray]) -> list[FloatArray]:
+        """Its sentence embeddings for one batch."""
+        with self._torch.inference_mode():
+            out = self._model({k: self._torch.from_numpy(v) for k, v in feeds.items()})
+        return [out["sentence_embedding"].numpy()]
+
+
+Session: TypeAlias = "ort.InferenceSession | SentenceTransformersSession"
+REFERENCE = "sentence-transformers"
+
+
+def run_batches(session: Session, batches: Sequence[Batch]) -> float:
     """Seconds to run every batch once."""
     start = time.perf_counter()
     for ids, mask, types in batches:
@@ -636,7 +661,7 @@ def run_batches(session: ort.InferenceSession, batches: Sequence[Batch]) -> floa
 
 
 def measure_speed(
-    sessions: dict[str, ort.InferenceSession],
+    sessions: dict[str, Session],
     batches: list[Batch],
     texts: int,
     rounds: int,
@@ -656,7 +681,7 @@ def measure_speed(
 
 
 def measure_accuracy(
-    sessions: dict[str, ort.InferenceSession],
+    sessions: dict[str, Session],
     corpora: dict[str, list[Batch]],
     texts: Texts,
     results: dict[str, Measured],
@@ -696,7 +721,7 @@ def report_rows(results: dict[str, Measured]) -> list[list[str]]:
                 f"{m.cosines['corpus'].mean():.4f} / {m.cosines['corpus'].min():.4f}",
                 f"{every.mean():.4f} / {every.min():.4f}",
                 f"{worst} {hard[worst].min():.4f}",
-                "yes" if name != "fp32" and meets(m) else "",
+                "yes" if name not in ("fp32", REFERENCE) and meets(m) else "",
             ]
         )
     return rows
@@ -732,6 +757,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--cache-dir", type=Path, default=defaults.cache_dir, help=f"(default {defaults.cache_dir})")
     p.add_argument("--variants", help="comma-separated names to run (default: all)")
+    p.add_argument(
+        "--no-reference", action="store_true", help=f"leave out the {REFERENCE} row (its speed and cosines to fp32)"
+    )
     p.add_argument("--json-out", type=Path, help="also write the results to this file")
     args = p.parse_args(argv)
     if args.quick:
@@ -752,8 +780,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     fp32 = dense_model_files(["fp32"], args.cache_dir)["fp32"]
     files = {"fp32": fp32} | {n: built(n, everything[n][1], fp32, args.cache_dir) for n in chosen}
     threads, spinning = server_forward_setup(args.intra_op_threads)
-    sessions = {n: cpu_session(f, threads, spinning) for n, f in files.items()}
+    sessions: dict[str, Session] = {n: cpu_session(f, threads, spinning) for n, f in files.items()}
     results = {"fp32": Measured("fp32 export, as the server runs it")} | {n: Measured(everything[n][0]) for n in chosen}
+    if not args.no_reference:
+        sessions[REFERENCE] = SentenceTransformersSession(resolve_model_path(DEFAULT_DENSE_MODEL), threads)
+        results[REFERENCE] = Measured(
+            "sentence-transformers in torch, the reference: its speed, and its vectors' cosines to fp32's"
+        )
     measure_speed(
         sessions, texts.batches(make_corpus(args.texts, args.seed), args.batch_size), args.texts, args.rounds, results
     )
