@@ -805,6 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {
         n: {
             "ratio": float(np.median(m.ratios)) if m.ratios else 1.0,
+            "round_ratios": [float(r) for r in m.ratios],
             **{k: [float(c.mean()), float(c.min())] for k, c in m.cosines.items()},
         }
         for n, m in results.items()
