@@ -57,8 +57,8 @@ class PerToken:
 # Value projections in the exports of BERT, XLM-R, DistilBERT, MPNet and decoder-style models.
 VALUE_PROJECTIONS = r"/(value|v_lin|v_proj|v)/MatMul$"
 # DTYPES=int8 on a CPU whose int8 dot product sums in int32 (VNNI): per-token activations, the
-# value projections in fp32 (60% of the per-token error on MiniLM came from them; keeping them
-# costs ~7% of the speed, outlier channels cost ~30%).
+# value projections in fp32 (half of the per-token error on MiniLM came from them; keeping them
+# costs 7-16% of the speed, outlier channels 20-30%: bench.int8).
 WITH_VNNI = PerToken(outliers=0, exclude=VALUE_PROJECTIONS)
 # Without VNNI (AVX2: vpmaddubsw sums pairs of u8 x s8 products in int16, which saturates with
 # 8-bit weights) per-token int8 lost more (tok-sym's min cosine 0.977 on AVX2, 0.986 with VNNI;
