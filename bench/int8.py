@@ -159,11 +159,12 @@ class CalibrationTexts:
     one padded batch."""
 
     def __init__(self, tokenizer: TextTokenizer, one_batch: bool = False) -> None:
-        self.feeds = calibration()
         if one_batch:  # histogram calibrators stack every feed, so they need one shape
             texts = [line for line in CALIBRATION_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
             keys = ("input_ids", "attention_mask", "token_type_ids")
             self.feeds = [dict(zip(keys, tokenizer.collate(tokenizer.encode(texts).encoded), strict=True))]
+        else:
+            self.feeds = calibration()
         self._iter: Iterator[dict[str, IntArray]] = iter(self.feeds)
 
     def get_next(self) -> dict[str, IntArray] | None:
@@ -198,7 +199,7 @@ def static(method: str, activation: str, tokenizer: TextTokenizer, **extra: Any)
     return build
 
 
-def smooth(source: Path, target: Path, tokenizer: TextTokenizer, alpha: float) -> None:
+def smooth(source: Path, target: Path, alpha: float) -> None:
     """SmoothQuant, offline: for each activation feeding weight MatMuls, divides channel j by
     s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) (a Mul before the MatMuls) and multiplies weight row
     j by s_j, so the product is unchanged in fp32 and the activation's outlier channels no longer
@@ -229,12 +230,12 @@ def smooth(source: Path, target: Path, tokenizer: TextTokenizer, alpha: float) -
     onnx.save(model, str(target))
 
 
-def smoothed(alpha: float, tokenizer: TextTokenizer, then: Build) -> Build:
+def smoothed(alpha: float, then: Build) -> Build:
     """`then` applied to the model smoothed with `alpha` (smooth)."""
 
     def build(source: Path, target: Path) -> None:
         middle = target.with_suffix(".smooth.onnx")
-        smooth(source, middle, tokenizer, alpha)
+        smooth(source, middle, alpha)
         then(middle, target)
         middle.unlink()
 
@@ -284,7 +285,7 @@ class PerToken:
     exclude: Callable[[list[str]], list[str]] | None = None
 
 
-def per_token(source: Path, target: Path, how: PerToken, tokenizer: TextTokenizer) -> None:
+def per_token(source: Path, target: Path, how: PerToken) -> None:
     """Rewrites each weight MatMul x.W as MatMulInteger on x quantized per row (per token, its own
     scale from that row's range) and W per output column, then rescales.
 
@@ -403,7 +404,7 @@ def per_token(source: Path, target: Path, how: PerToken, tokenizer: TextTokenize
     save_rewrite(model, nodes, target)
 
 
-def dynamic_outliers(source: Path, target: Path, how: PerToken, tokenizer: TextTokenizer) -> None:
+def dynamic_outliers(source: Path, target: Path, how: PerToken) -> None:
     """dyn's arithmetic (ONNX Runtime's DynamicQuantizeMatMul: x quantized per tensor, U8 with its
     own zero point, S8 weights per column, bias added inside) on each MatMul input with its
     `how.outliers` peak channels zeroed; those channels are multiplied in fp32 and added. Tests
@@ -466,20 +467,20 @@ def dynamic_outliers(source: Path, target: Path, how: PerToken, tokenizer: TextT
     save_rewrite(model, nodes, target)
 
 
-def dynamic_outliers_build(tokenizer: TextTokenizer, outliers: int) -> Build:
+def dynamic_outliers_build(outliers: int) -> Build:
     """dynamic_outliers with `outliers` channels per MatMul input, as a recipe."""
 
     def build(source: Path, target: Path) -> None:
-        dynamic_outliers(source, target, PerToken(outliers=outliers), tokenizer)
+        dynamic_outliers(source, target, PerToken(outliers=outliers))
 
     return build
 
 
-def per_token_build(tokenizer: TextTokenizer, **how: Any) -> Build:
+def per_token_build(**how: Any) -> Build:
     """per_token with PerToken(**how), as a recipe."""
 
     def build(source: Path, target: Path) -> None:
-        per_token(source, target, PerToken(**how), tokenizer)
+        per_token(source, target, PerToken(**how))
 
     return build
 
@@ -509,7 +510,7 @@ def recipes(tokenizer: TextTokenizer) -> dict[str, tuple[str, Build]]:
     """Every variant measured: name -> (what it is, how it is built)."""
 
     def tok(**how: Any) -> Build:
-        return per_token_build(tokenizer, **how)
+        return per_token_build(**how)
 
     return {
         "dyn": ("quantize_dynamic, per-channel S8 weights, all weight MatMuls (DTYPES=int8-fast)", dynamic()),
@@ -522,8 +523,8 @@ def recipes(tokenizer: TextTokenizer) -> dict[str, tuple[str, Build]]:
             "dyn on the FFN MatMuls only (intermediate + output dense)",
             dynamic(lambda n: select(n, r"attention/")),
         ),
-        "dyn-smooth-0.5": ("dyn after SmoothQuant smoothing, alpha 0.5", smoothed(0.5, tokenizer, dynamic())),
-        "dyn-smooth-0.7": ("dyn after SmoothQuant smoothing, alpha 0.7", smoothed(0.7, tokenizer, dynamic())),
+        "dyn-smooth-0.5": ("dyn after SmoothQuant smoothing, alpha 0.5", smoothed(0.5, dynamic())),
+        "dyn-smooth-0.7": ("dyn after SmoothQuant smoothing, alpha 0.7", smoothed(0.7, dynamic())),
         "static-minmax-u8": ("quantize_static QDQ, MinMax, U8 activations", static("MinMax", "QUInt8", tokenizer)),
         "static-minmax-s8": ("quantize_static QDQ, MinMax, S8 activations", static("MinMax", "QInt8", tokenizer)),
         "static-pct-u8": (
@@ -563,13 +564,13 @@ def recipes(tokenizer: TextTokenizer) -> dict[str, tuple[str, Build]]:
         ),
         "dyn-out2": (
             "dyn's fused op on inputs with the 2 peak channels zeroed, those multiplied in fp32",
-            dynamic_outliers_build(tokenizer, 2),
+            dynamic_outliers_build(2),
         ),
-        "dyn-out4": ("dyn-out2 with 4 channels", dynamic_outliers_build(tokenizer, 4)),
-        "tok-sq0.5": ("tok-sym after SmoothQuant smoothing, alpha 0.5", smoothed(0.5, tokenizer, tok())),
+        "dyn-out4": ("dyn-out2 with 4 channels", dynamic_outliers_build(4)),
+        "tok-sq0.5": ("tok-sym after SmoothQuant smoothing, alpha 0.5", smoothed(0.5, tok())),
         "tok-sq0.5-u8w": (
             "tok-sym-u8w after SmoothQuant smoothing, alpha 0.5",
-            smoothed(0.5, tokenizer, tok(unsigned_weights=True)),
+            smoothed(0.5, tok(unsigned_weights=True)),
         ),
         "nbits8-b32": ("MatMulNBits 8-bit weights, blocks of 32, int8 compute (accuracy_level 4)", nbits(32, 4)),
         "nbits8-b128": ("MatMulNBits 8-bit weights, blocks of 128, int8 compute (accuracy_level 4)", nbits(128, 4)),
