@@ -45,6 +45,8 @@ from embedserve.backends.quantize import (
     quantize_per_token,
     save_rewrite,
     split_outliers,
+    weight_inputs,
+    weight_matmuls,
 )
 from embedserve.backends.quantize import PerToken as Fused
 from embedserve.engine.kinds import DENSE
@@ -124,9 +126,7 @@ def matmuls(model_file: Path) -> list[str]:
     """Names of the MatMul nodes with a constant weight (the ones a recipe may quantize)."""
     import onnx
 
-    model = onnx.load(str(model_file), load_external_data=False)
-    weights = {init.name for init in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)]
+    return [n.name for n in weight_matmuls(onnx.load(str(model_file), load_external_data=False))]
 
 
 def select(names: Sequence[str], pattern: str) -> list[str]:
@@ -305,10 +305,7 @@ def per_token(source: Path, target: Path, how: PerToken) -> None:
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
     excluded = set(how.exclude(matmuls(source))) if how.exclude else set()
-    groups: dict[str, list[str]] = {}
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights and node.name not in excluded:
-            groups.setdefault(node.input[0], []).append(node.name)
+    groups = weight_inputs(model, excluded.__contains__)
     peaks = channel_peaks(source, list(groups), calibration()) if how.outliers else {}
     constants: dict[str, np.ndarray[Any, Any]] = {
         "pt_axes": np.array([-1], np.int64),
@@ -416,10 +413,7 @@ def dynamic_outliers(source: Path, target: Path, how: PerToken) -> None:
     model = onnx.load(str(source))
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
-    groups: dict[str, list[str]] = {}
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights:
-            groups.setdefault(node.input[0], []).append(node.name)
+    groups = weight_inputs(model)
     quantized = {name for names in groups.values() for name in names}
     biases = bias_adds(graph)
     peaks = channel_peaks(source, list(groups), calibration())

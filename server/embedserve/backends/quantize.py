@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,6 +107,16 @@ def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The MatMul nodes whose second input is a constant (the weights a recipe may quantize)."""
     weights = {i.name for i in model.graph.initializer}
     return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+def weight_inputs(model: onnx.ModelProto, skip: Callable[[str], bool] = lambda _: False) -> dict[str, list[str]]:
+    """MatMul input -> the names of the weight MatMuls that read it (query/key/value share one),
+    leaving out those `skip` picks by name."""
+    groups: dict[str, list[str]] = {}
+    for node in weight_matmuls(model):
+        if not skip(node.name):
+            groups.setdefault(node.input[0], []).append(node.name)
+    return groups
 
 
 def channel_peaks(
@@ -202,17 +212,14 @@ def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, Int
     Runtime's MatMulIntegerToFloat (the U8S8 GEMM, column scales applied in its output stage), a
     Mul by the row scale, then the MatMul's bias, carried by the outlier channels' thin fp32 Gemm
     where there are outliers, else one Add (the bias Add after the MatMul goes). `feeds` calibrate
-    which channels are outliers (unused without outliers)."""
+    which channels are outliers (none are read when `how.outliers` is 0)."""
     import onnx
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(source))
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
-    groups: dict[str, list[str]] = {}  # MatMul input -> the MatMuls it feeds (query/key/value share one)
-    for node in weight_matmuls(model):
-        if not (how.exclude and re.search(how.exclude, node.name)):
-            groups.setdefault(node.input[0], []).append(node.name)
+    groups = weight_inputs(model, lambda name: bool(how.exclude) and re.search(how.exclude, name) is not None)
     quantized = {name for names in groups.values() for name in names}
     biases = bias_adds(graph)
     peaks = channel_peaks(source, list(groups), feeds) if how.outliers else {}
@@ -233,7 +240,7 @@ def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, Int
         return helper.make_node(op, [x], [out], axes=[-1], keepdims=0)
 
     nodes: list[onnx.NodeProto] = []
-    prefixes: dict[str, str] = {}
+    prefixes: dict[str, tuple[str, IntArray]] = {}  # MatMul input -> its tensors' prefix, its outlier channels
     folded: set[str] = set()  # bias Adds now made by the outlier Gemm or an Add of the row-scaled product
     for node in graph.node:
         if node.name in folded:
@@ -244,12 +251,15 @@ def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, Int
         x, w_name = node.input
         w = numpy_helper.to_array(weights[w_name]).astype(np.float32)
         k_dim, n_dim = w.shape
-        with_outliers = how.outliers and (
-            not how.outlier_pattern or any(re.search(how.outlier_pattern, n) for n in groups[x])
-        )
-        kept = np.argsort(peaks[x])[::-1][: how.outliers].astype(np.int64) if with_outliers else np.zeros(0, np.int64)
         if x not in prefixes:
-            q = prefixes[x] = f"/int8_{len(prefixes)}"
+            with_outliers = how.outliers and (
+                not how.outlier_pattern or any(re.search(how.outlier_pattern, n) for n in groups[x])
+            )
+            kept = np.zeros(0, np.int64)
+            if with_outliers:
+                kept = np.argsort(peaks[x])[::-1][: how.outliers].astype(np.int64)
+            q = f"/int8_{len(prefixes)}"
+            prefixes[x] = (q, kept)
             graph.initializer.append(numpy_helper.from_array(np.array([-1, k_dim], np.int64), f"{q}/shape2d"))
             nodes += [
                 helper.make_node("Reshape", [x, f"{q}/shape2d"], [f"{q}/x2"]),
@@ -280,7 +290,7 @@ def quantize_per_token(source: Path, target: Path, feeds: Sequence[dict[str, Int
                 helper.make_node("QuantizeLinear", [f"{q}/x2", f"{q}/scale", f"{q}/zp"], [f"{q}/q"], axis=0),
                 helper.make_node("Unsqueeze", [f"{q}/scale", "int8/last"], [f"{q}/scale_col"]),
             ]
-        q = prefixes[x]
+        q, kept = prefixes[x]
         p = node.name.removesuffix("/MatMul") + "/int8"
         stored, w_scale = per_column(w, kept, how.weight_max, how.unsigned_weights)
         graph.initializer.extend(
