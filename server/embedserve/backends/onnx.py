@@ -178,8 +178,10 @@ def export_model(config: ModelConfig, graph: GraphSpec, dtype: str, cache_dir: P
                 vnni = cpu_has_vnni()
                 name, recipe = int8_recipe(vnni)
                 log.info("int8 for a CPU %s VNNI: %s", "with" if vnni else "without", name)
-                tokenizer, _ = load_fast_tokenizer(config.path)
-                quantize_per_token(exported, final, calibration_feeds(tokenizer, config.max_input_tokens), recipe)
+                feeds = []
+                if recipe.outliers:  # calibration picks the outlier channels; nothing else reads it
+                    feeds = calibration_feeds(load_fast_tokenizer(config.path)[0], config.max_input_tokens)
+                quantize_per_token(exported, final, feeds, recipe)
             elif dtype == "int8-fast":
                 quantize_dynamic_int8(exported, final)
             elif dtype == "fp16":
